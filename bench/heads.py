@@ -1,0 +1,130 @@
+"""Benchmark: pipe's batched torch linear probe against the scikit-learn baseline.
+
+On the same features, time and score the full strength sweep + refit of
+:class:`pipeline.heads.LinearProbe` and :class:`pipeline.heads.SklearnProbe` over the same
+grid, and one fit at the chosen strength, on (a) a real feature file (``--features``) and
+(b) seeded synthetic features (50,000 x 2,048, 100 classes; smaller with ``--quick``).
+
+    python bench/heads.py [--features cache/features.h5] [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.heads import LinearProbe, SklearnProbe  # noqa: E402
+
+TRAINERS = {"pipe (torch L-BFGS, batched grid)": LinearProbe, "sklearn (lbfgs, one fit per strength)": SklearnProbe}
+
+
+def synthetic_features(n_rows, n_dims, n_classes, seed=0):
+    """Feature-like data: class means in a low-rank subspace, correlated noise, ReLU.
+
+    Returns ``{"train": (X, y), "val": ..., "test": ...}`` with a 70/10/20 split.
+    """
+    rng = np.random.default_rng(seed)
+    rank = 64
+    basis = rng.standard_normal((rank, n_dims)).astype(np.float32) / np.sqrt(rank)
+    means = rng.standard_normal((n_classes, rank)).astype(np.float32) @ basis
+    mixing = rng.standard_normal((4 * rank, n_dims)).astype(np.float32) / np.sqrt(4 * rank)
+    y = rng.integers(0, n_classes, n_rows)
+    X = 0.7 * means[y]
+    X += rng.standard_normal((n_rows, 4 * rank), dtype=np.float32) @ mixing
+    X += 0.5 * rng.standard_normal((n_rows, n_dims), dtype=np.float32)
+    np.maximum(X, 0, out=X)
+    cut = np.cumsum([int(0.7 * n_rows), int(0.1 * n_rows)])
+    return {"train": (X[: cut[0]], y[: cut[0]]), "val": (X[cut[0]: cut[1]], y[cut[0]: cut[1]]),
+            "test": (X[cut[1]:], y[cut[1]:])}
+
+
+def read_feature_file(path):
+    """Splits of a pipe feature file, read with plain h5py: ``{"train": (X, y), ...}``."""
+    with h5py.File(path, "r") as f:
+        X = f["features"][:].astype(np.float32)
+        y = f["labels"][:].astype(np.int64)
+        split = f["split"].asstr()[:]
+    return {name: (X[split == name], y[split == name]) for name in ("train", "val", "test")}
+
+
+def time_trainer(make, splits):
+    """Sweep + refit, then one fit at the chosen strength; returns the figures."""
+    X_train, y_train = splits["train"]
+    X_test, y_test = splits["test"]
+    val = splits["val"] if len(splits["val"][1]) else (None, None)
+    probe = make()
+    started = time.perf_counter()
+    probe.fit(X_train, y_train, *val)
+    sweep_seconds = time.perf_counter() - started
+    head = probe.to_head([str(c) for c in range(int(y_train.max()) + 1)], "bench", {})
+    single = make(grid=[probe.best_strength_])
+    started = time.perf_counter()
+    single.fit(X_train, y_train, *val)
+    single_seconds = time.perf_counter() - started
+    return {
+        "sweep_refit_seconds": sweep_seconds,
+        "single_fit_seconds": single_seconds,
+        "strength": probe.best_strength_,
+        "test_accuracy": float((head.predict(X_test) == y_test).mean()),
+        "n_iter": probe.n_iter_,
+        "converged": probe.converged_,
+        "grid_scores": probe.grid_scores_,
+    }
+
+
+def compare(name, splits):
+    """Run every trainer on one feature set; returns ``{trainer: figures}`` plus ratios."""
+    results = {label: time_trainer(make, splits) for label, make in TRAINERS.items()}
+    pipe, sk = results.values()
+    results["ratios"] = {
+        "sklearn_over_pipe_sweep_time": sk["sweep_refit_seconds"] / pipe["sweep_refit_seconds"],
+        "sklearn_over_pipe_single_time": sk["single_fit_seconds"] / pipe["single_fit_seconds"],
+        "accuracy_diff_pp": 100 * (pipe["test_accuracy"] - sk["test_accuracy"]),
+    }
+    return {"features": name, "shape": list(splits["train"][0].shape), "results": results}
+
+
+def format_table(run):
+    """A text table of one :func:`compare` result."""
+    rows = [f"== {run['features']}  train {run['shape'][0]} x {run['shape'][1]}",
+            f"{'method':40s} {'sweep+refit s':>14s} {'single fit s':>13s} {'strength':>10s} {'test acc':>9s} converged"]
+    for label, r in run["results"].items():
+        if label != "ratios":
+            rows.append(f"{label:40s} {r['sweep_refit_seconds']:14.1f} {r['single_fit_seconds']:13.1f} "
+                        f"{r['strength']:10.2e} {100 * r['test_accuracy']:8.2f}% {r['converged']}")
+    ratios = run["results"]["ratios"]
+    rows.append(f"sklearn/pipe time: sweep+refit {ratios['sklearn_over_pipe_sweep_time']:.1f}x, "
+                f"single fit {ratios['sklearn_over_pipe_single_time']:.1f}x; "
+                f"accuracy pipe - sklearn {ratios['accuracy_diff_pp']:+.2f} pp")
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--features", type=Path, help="pipe feature file (HDF5) to benchmark on")
+    parser.add_argument("--quick", action="store_true", help="small synthetic set (10,000 x 512, 20 classes)")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args(argv)
+    runs = []
+    if args.features:
+        runs.append(compare(str(args.features), read_feature_file(args.features)))
+    shape = (10_000, 512, 20) if args.quick else (50_000, 2048, 100)
+    runs.append(compare("synthetic {} x {}, {} classes".format(*shape), synthetic_features(*shape)))
+    print(f"torch threads: {torch.get_num_threads()}")
+    for run in runs:
+        print(format_table(run))
+    if args.json:
+        args.json.write_text(json.dumps(runs, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Stage 1: run a frozen backbone once over an image folder and cache pooled features."""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .backbones import Backbone, resolve_backbone
+from .data import DEFAULT_SPLIT_FRACTIONS, ImageFiles, display_path, scan_image_folder
+from .errors import PipeError
+from .store import FEATURE_DTYPES, ExtractionCache, Rows
+
+
+@dataclass
+class ExtractSummary:
+    """What one ``pipe extract`` did."""
+
+    out: Path
+    total: int
+    extracted: int
+    reused: int
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    written: bool = True
+
+    @property
+    def images_per_second(self) -> float:
+        return self.extracted / self.seconds if self.seconds else 0.0
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for an absent CUDA is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PipeError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise PipeError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+
+
+def default_workers() -> int:
+    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+class FeatureExtractor:
+    """Runs a :class:`Backbone` on uint8 image batches: normalisation on the device,
+    channels_last, autocast on CUDA, eval mode and ``inference_mode``."""
+
+    def __init__(self, backbone: Backbone, device: torch.device):
+        self.backbone = backbone
+        self.device = device
+        self.module = backbone.module.to(device).to(memory_format=torch.channels_last)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
+
+    def __call__(self, pixels: torch.Tensor) -> np.ndarray:
+        x = pixels.to(self.device, non_blocking=True)
+        x = self.backbone.spec.transform.normalize(x).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), self.autocast:
+            return self.module(x).float().cpu().numpy()
+
+
+def _check_options(dtype: str, batch_size: int, checkpoint_every: int) -> None:
+    if dtype not in FEATURE_DTYPES:
+        raise PipeError(f"--dtype must be one of {', '.join(FEATURE_DTYPES)}, got {dtype!r}")
+    if batch_size < 1 or checkpoint_every < 1:
+        raise PipeError("--batch-size and --checkpoint-every must be positive")
+
+
+def extract_features(
+    data_root,
+    model: str = "efficientnet_lite0",
+    weights: str = "DEFAULT",
+    out="cache/features.h5",
+    batch_size: int = 64,
+    workers: int | None = None,
+    device: str = "auto",
+    image_size: int | None = None,
+    dtype: str = "float16",
+    split_fractions=DEFAULT_SPLIT_FRACTIONS,
+    seed: int = 0,
+    overwrite: bool = False,
+    strict: bool = False,
+    checkpoint_every: int = 1024,
+    progress: bool = True,
+) -> ExtractSummary:
+    """Extract features for every image under ``data_root`` into ``out`` (HDF5).
+
+    Only images not already in ``out`` (same path, size and mtime, same fingerprint) are run
+    through the backbone; results are committed in parts every ``checkpoint_every`` images,
+    so an interrupted run resumes where it stopped. See :mod:`pipeline.store`.
+    """
+    _check_options(dtype, batch_size, checkpoint_every)
+    started = time.perf_counter()
+    manifest = scan_image_folder(data_root, split_fractions, seed)
+    spec = resolve_backbone(model, weights, image_size, dtype)
+    rows = Rows([display_path(p) for p in manifest.paths], manifest.size, manifest.mtime_ns, manifest.paths)
+    with ExtractionCache(out, spec.fingerprint, dtype, overwrite) as cache:
+        done = cache.done_keys()
+        todo = [i for i, key in enumerate(rows.keys()) if key not in done]
+        failed: list[tuple[str, str]] = []
+        if todo:
+            backbone = spec.build()
+            failed = _run(backbone, resolve_device(device), manifest.root, todo, rows, cache, batch_size,
+                          default_workers() if workers is None else workers, checkpoint_every, progress)
+        if strict and failed:
+            path, reason = failed[0]
+            raise PipeError(f"{len(failed)} image(s) could not be read (first: {path}: {reason}); "
+                            "fix or remove them, or drop --strict (progress so far is kept)")
+        attrs = {
+            "classes": manifest.classes, "model": spec.name, "weights": spec.weights, "weights_id": spec.weights_id,
+            "transform": spec.transform.to_dict(), "identity": spec.identity, "fingerprint": spec.fingerprint,
+            "dtype": dtype, "pipe_version": __version__, "data_root": str(Path(data_root).resolve()),
+            "split_seed": seed, "split_fractions": list(split_fractions), "given_splits": manifest.given_splits,
+        }
+        written = cache.commit(rows, manifest.labels, manifest.split, attrs)
+    return ExtractSummary(out=Path(out), total=len(manifest), extracted=len(todo) - len(failed),
+                          reused=len(manifest) - len(todo), failed=cache.failed_in_output,
+                          seconds=time.perf_counter() - started, written=written)
+
+
+class _PartBuffer:
+    """Results since the last commit; ``flush`` hands them to a writer thread as one part,
+    so HDF5 I/O overlaps the next batches, and surfaces the previous write's error (e.g. a
+    full disk) before queueing more."""
+
+    def __init__(self, cache: ExtractionCache, rows: Rows, writer: ThreadPoolExecutor):
+        self.cache, self.rows, self.writer = cache, rows, writer
+        self.done: list[int] = []
+        self.features: list[np.ndarray] = []
+        self.failed: list[int] = []
+        self.reasons: list[str] = []
+        self.pending: Future | None = None
+
+    def __len__(self) -> int:
+        return len(self.done) + len(self.failed)
+
+    def _rows(self, idx: list[int]) -> Rows:
+        idx = np.array(idx, dtype=np.int64)
+        return Rows([self.rows.paths[i] for i in idx], self.rows.size[idx], self.rows.mtime_ns[idx])
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+
+    def flush(self) -> None:
+        self.wait()
+        if len(self):
+            features = np.concatenate(self.features) if self.features else np.empty((0, 0), np.float32)
+            self.pending = self.writer.submit(self.cache.write_part, self._rows(self.done), features,
+                                              self._rows(self.failed), self.reasons)
+        self.done, self.features, self.failed, self.reasons = [], [], [], []
+
+
+def _run(backbone: Backbone, device: torch.device, root, todo: list[int], rows: Rows, cache: ExtractionCache,
+         batch_size: int, workers: int, checkpoint_every: int, progress: bool) -> list[tuple[str, str]]:
+    """The extraction loop over manifest rows ``todo``: decode in DataLoader workers, forward
+    on ``device``, commit a part every ``checkpoint_every`` images. Returns the failures."""
+    dataset = ImageFiles(root, [rows.source_paths[i] for i in todo], backbone.spec.transform)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None)
+    run = FeatureExtractor(backbone, device)
+    failures = []
+    with ThreadPoolExecutor(max_workers=1) as writer, \
+            tqdm(total=len(todo), unit="img", disable=not progress, desc="extract", dynamic_ncols=True) as bar:
+        buffer = _PartBuffer(cache, rows, writer)
+        for index, pixels, errors in loader:
+            rows_in_batch = [todo[i] for i in index.tolist()]
+            good = [j for j, e in enumerate(errors) if not e]
+            if good:
+                buffer.features.append(run(pixels if len(good) == len(errors) else pixels[good]))
+                buffer.done.extend(rows_in_batch[j] for j in good)
+            for row, error in zip(rows_in_batch, errors):
+                if error:
+                    buffer.failed.append(row)
+                    buffer.reasons.append(error)
+                    failures.append((rows.paths[row], error))
+            bar.update(len(errors))
+            if len(buffer) >= checkpoint_every:
+                buffer.flush()
+        buffer.flush()
+        buffer.wait()
+    return failures

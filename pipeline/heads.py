@@ -1,0 +1,590 @@
+"""Linear heads on cached features: the head file and the probes that train it.
+
+A head is multinomial logistic regression on (optionally standardised) pooled features.
+Two trainers produce the same :class:`LinearHead`: :class:`LinearProbe` (torch, the whole
+regularisation grid trained as one batched problem) and :class:`SklearnProbe` (the
+scikit-learn baseline). Both follow the published linear-probe recipe: sweep the L2
+strength over a log grid, pick the best by validation accuracy, refit on train + val.
+
+The L2 strength ``lambda`` is weight decay on the mean cross-entropy::
+
+    loss(W, b) = mean_i CE_i + lambda / 2 * ||W||^2        (bias unpenalised)
+
+which is scikit-learn's objective with ``C = 1 / (lambda * n_train)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import pickle
+import tempfile
+import time
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+
+from pipeline.errors import PipeError
+
+HEAD_FORMAT = "pipe-head"
+HEAD_VERSION = 1
+DEFAULT_GRID = tuple(float(s) for s in np.logspace(-6, 0, 16))
+VAL_FRACTION = 0.2
+CHUNK_ROWS = 8192
+PATIENCE_EPOCHS = 3
+_HEAD_KEYS = ("weight", "bias", "mean", "std", "classes", "fingerprint", "source", "training")
+
+
+# --------------------------------------------------------------------------- head file
+
+
+def _standardize(x, mean, std):
+    """Return ``x`` as float32, standardised when ``mean``/``std`` are given."""
+    x = np.asarray(x, dtype=np.float32)
+    return x if mean is None else (x - mean) / std
+
+
+def _row_chunks(n_rows, size=CHUNK_ROWS):
+    """Yield ``(start, stop)`` of consecutive row blocks covering ``n_rows``."""
+    for start in range(0, n_rows, size):
+        yield start, min(start + size, n_rows)
+
+
+def _softmax(z):
+    """Row-wise softmax of a 2-D float array, stable for large logits."""
+    z = z - z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    return z / z.sum(axis=1, keepdims=True)
+
+
+@dataclass
+class LinearHead:
+    """A trained linear classifier on features: ``standardise(x) @ weight.T + bias``.
+
+    ``weight`` is (C, D) float32, ``bias`` (C,); ``mean``/``std`` (D,) standardise the
+    features first (None when the head was trained on raw features). ``fingerprint`` is
+    the feature fingerprint it was trained on; ``source`` and ``training`` are JSON-able
+    metadata about the backbone/feature file and about training. ``path`` is where the
+    head was loaded from or saved to; it is not stored in the file.
+    """
+
+    weight: np.ndarray
+    bias: np.ndarray
+    mean: np.ndarray | None
+    std: np.ndarray | None
+    classes: list[str]
+    fingerprint: str
+    source: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+    path: str | None = field(default=None, compare=False)
+
+    def decision_function(self, X):
+        """Class scores (N, C) float32 for features ``X`` (N, D), read in row chunks.
+
+        ``X`` may be any 2-D array-like supporting ``X[a:b]`` (an ndarray, an
+        ``h5py.Dataset``), so memory stays bounded for big feature files.
+        """
+        n_rows, n_dims = X.shape
+        if n_dims != self.weight.shape[1]:
+            raise PipeError(
+                f"features have {n_dims} dimensions but head {self.path or ''} expects "
+                f"{self.weight.shape[1]}; retrain with pipe train-head"
+            )
+        weight_t = np.ascontiguousarray(self.weight.T)
+        scores = np.empty((n_rows, len(self.classes)), dtype=np.float32)
+        for start, stop in _row_chunks(n_rows):
+            x = _standardize(X[start:stop], self.mean, self.std)
+            scores[start:stop] = x @ weight_t + self.bias
+        return scores
+
+    def predict_proba(self, X):
+        """Class probabilities (N, C): the softmax of :meth:`decision_function`."""
+        return _softmax(self.decision_function(X))
+
+    def predict(self, X):
+        """Predicted class indices (N,) int64 (indices into ``classes``)."""
+        return self.decision_function(X).argmax(axis=1).astype(np.int64)
+
+    def check_fingerprint(self, fingerprint, features="the feature file"):
+        """Raise :class:`PipeError` unless ``fingerprint`` matches the training features."""
+        if fingerprint != self.fingerprint:
+            raise PipeError(
+                f"head {self.path or '(unsaved)'} was trained on features {self.fingerprint} "
+                f"but {features} has {fingerprint}; retrain with pipe train-head"
+            )
+
+    def save(self, path):
+        """Write the head to ``path`` atomically (temporary file + rename)."""
+        path = Path(path)
+        payload = {
+            "format": HEAD_FORMAT,
+            "version": HEAD_VERSION,
+            "weight": torch.from_numpy(np.asarray(self.weight, dtype=np.float32)),
+            "bias": torch.from_numpy(np.asarray(self.bias, dtype=np.float32)),
+            "mean": None if self.mean is None else torch.from_numpy(self.mean),
+            "std": None if self.std is None else torch.from_numpy(self.std),
+            "classes": list(self.classes),
+            "fingerprint": self.fingerprint,
+            "source": self.source,
+            "training": self.training,
+        }
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(payload, f)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        self.path = str(path)
+
+    @classmethod
+    def load(cls, path):
+        """Read a head written by :meth:`save`; no pickled code is ever executed."""
+        try:
+            payload = torch.load(path, weights_only=True, map_location="cpu")
+        except FileNotFoundError:
+            raise PipeError(f"head file {path} does not exist; train one with pipe train-head")
+        except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, zipfile.BadZipFile):
+            raise PipeError(f"{path} is not a readable head file (not a torch file, or truncated)")
+        if not isinstance(payload, dict) or payload.get("format") != HEAD_FORMAT:
+            raise PipeError(f"{path} is a torch file but not a pipe head; train one with pipe train-head")
+        if payload.get("version") != HEAD_VERSION:
+            raise PipeError(
+                f"head {path} has format version {payload.get('version')!r}; this pipe reads "
+                f"version {HEAD_VERSION}; retrain with pipe train-head"
+            )
+        missing = [key for key in _HEAD_KEYS if key not in payload]
+        if missing:
+            raise PipeError(f"head {path} is missing {', '.join(missing)}; retrain with pipe train-head")
+        arrays = {
+            key: None if payload[key] is None else payload[key].numpy().astype(np.float32)
+            for key in ("weight", "bias", "mean", "std")
+        }
+        return cls(
+            **arrays,
+            classes=list(payload["classes"]),
+            fingerprint=payload["fingerprint"],
+            source=payload["source"],
+            training=payload["training"],
+            path=str(path),
+        )
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+class RowSubset:
+    """A lazy view of some rows of a 2-D array-like (e.g. the train rows of an HDF5 file).
+
+    Supports ``.shape`` and ``view[a:b]``, which is all the mini-batch path reads; each
+    slice reads only its own rows (``rows`` are sorted, as h5py requires).
+    """
+
+    def __init__(self, data, rows):
+        self.data = data
+        self.rows = np.sort(np.asarray(rows, dtype=np.int64))
+
+    @property
+    def shape(self):
+        return (len(self.rows), self.data.shape[1])
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return np.asarray(self.data[self.rows[index]])
+
+
+def _check_split(X, y, name):
+    """Validate one split's shapes and labels; return ``y`` as int64."""
+    if getattr(X, "ndim", len(getattr(X, "shape", ()))) != 2:
+        raise PipeError(f"{name} features must be a 2-D array (samples x dimensions)")
+    y = np.asarray(y)
+    if y.ndim != 1 or len(y) != X.shape[0]:
+        raise PipeError(f"{name} has {X.shape[0]} feature rows but {y.size} labels")
+    if len(y) == 0:
+        raise PipeError(f"{name} split is empty; every class needs labelled images there")
+    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+        raise PipeError(f"{name} labels must be non-negative class indices")
+    return y.astype(np.int64)
+
+
+def _feature_stats(parts):
+    """Per-dimension mean and std over all rows of ``parts``; rejects NaN/inf features."""
+    n_dims = parts[0][1].shape[1]
+    total, total_sq, count = np.zeros(n_dims), np.zeros(n_dims), 0
+    for name, X, _ in parts:
+        part_sum = np.zeros(n_dims)
+        for start, stop in _row_chunks(X.shape[0]):
+            x = np.asarray(X[start:stop], dtype=np.float64)
+            part_sum += x.sum(axis=0)
+            total_sq += np.square(x).sum(axis=0)
+        if not np.isfinite(part_sum).all():
+            raise PipeError(f"{name} features contain NaN or infinity; re-extract them")
+        total += part_sum
+        count += X.shape[0]
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - np.square(mean), 0.0))
+    std[std < 1e-6 * max(std.max(), 1e-12)] = 1.0  # constant dimensions: leave unscaled
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def _holdout(X, y, seed):
+    """Split ``(X, y)`` into train and validation parts (stratified when possible)."""
+    counts = np.bincount(y)
+    stratify = y if counts[counts > 0].min() >= 2 else None
+    train_rows, val_rows = train_test_split(
+        np.arange(len(y)), test_size=VAL_FRACTION, stratify=stratify, random_state=seed
+    )
+    train_rows, val_rows = np.sort(train_rows), np.sort(val_rows)
+    take = (lambda rows: X[rows]) if isinstance(X, np.ndarray) else (lambda rows: RowSubset(X, rows))
+    return (take(train_rows), y[train_rows]), (take(val_rows), y[val_rows])
+
+
+def _class_weights(y, n_classes, balanced):
+    """Loss weight of each class: 1, or ``n / (n_present_classes * count)`` when balanced."""
+    if not balanced:
+        return np.ones(n_classes, dtype=np.float32)
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(n_classes)
+    weights[present] = len(y) / (present.sum() * counts[present])
+    return weights.astype(np.float32)
+
+
+def _accuracies(weights, biases, X, y, mean, std):
+    """Accuracy of each of K linear models (K, C, D) / (K, C) on ``(X, y)``, chunked."""
+    n_models, n_classes, n_dims = weights.shape
+    stacked = np.ascontiguousarray(weights.transpose(2, 0, 1).reshape(n_dims, -1))
+    correct = np.zeros(n_models, dtype=np.int64)
+    for start, stop in _row_chunks(X.shape[0]):
+        scores = _standardize(X[start:stop], mean, std) @ stacked
+        predicted = (scores.reshape(-1, n_models, n_classes) + biases).argmax(axis=2)
+        correct += (predicted == y[start:stop, None]).sum(axis=0)
+    return correct / X.shape[0]
+
+
+# --------------------------------------------------------------------------- probes
+
+
+class _SweepProbe:
+    """Shared recipe: sweep the L2 strength, select on validation accuracy, refit.
+
+    Subclasses implement ``_fit_grid`` (one model per strength, on train) and
+    ``_fit_one`` (one model at the chosen strength, on train + val). Learned attributes:
+    ``weight_`` (C, D), ``bias_`` (C,), ``mean_``/``std_`` (D,) or None, ``classes_``
+    (class indices seen in train), ``best_strength_``, ``grid_scores_`` (list of
+    ``(strength, val_accuracy)``), ``n_iter_`` (optimiser iterations), ``converged_``,
+    ``n_train_``, ``n_val_``, ``fit_seconds_``.
+    """
+
+    trainer = ""
+
+    def __init__(self, grid, balanced, seed, max_iter, tol, standardize):
+        self.grid = grid
+        self.balanced = balanced
+        self.seed = seed
+        self.max_iter = max_iter
+        self.tol = tol
+        self.standardize = standardize
+
+    def fit(self, X_train, y_train, X_val=None, y_val=None):
+        """Train on ``(X_train, y_train)``, selecting the strength on ``(X_val, y_val)``.
+
+        ``X_*`` are (N, D) float arrays or any 2-D array-like with ``.shape`` and row
+        slicing (an ``h5py.Dataset``, a :class:`RowSubset`); ``y_*`` are int class indices.
+        Without a validation split, a seeded stratified 20% of train is held out for
+        selection and the refit uses all of train. Returns ``self``.
+        """
+        started = time.perf_counter()
+        y_train = _check_split(X_train, y_train, "train")
+        if (X_val is None) != (y_val is None):
+            raise PipeError("give both validation features and labels, or neither")
+        if X_val is None:
+            (X_train, y_train), (X_val, y_val) = _holdout(X_train, y_train, self.seed)
+        y_val = _check_split(X_val, y_val, "val")
+        if X_val.shape[1] != X_train.shape[1]:
+            raise PipeError(f"train features have {X_train.shape[1]} dimensions but val has {X_val.shape[1]}")
+        self.classes_ = np.unique(y_train)
+        if len(self.classes_) < 2:
+            raise PipeError(
+                f"train-head needs at least 2 classes in the train split, found {len(self.classes_)}"
+            )
+        unseen = np.setdiff1d(np.unique(y_val), self.classes_)
+        if len(unseen):
+            raise PipeError(f"classes {unseen.tolist()} appear in val but not in train; add train images")
+        train = [("train", X_train, y_train)]
+        both = train + [("val", X_val, y_val)]
+        mean, std = _feature_stats(both)
+        self.mean_, self.std_ = (mean, std) if self.standardize else (None, None)
+        self.n_train_, self.n_val_ = len(y_train), len(y_val)
+        self.grid_ = [float(s) for s in (DEFAULT_GRID if self.grid is None else self.grid)]
+
+        grid_weights, grid_biases = self._fit_grid(train, val=(X_val, y_val))
+        scores = _accuracies(grid_weights, grid_biases, X_val, y_val, self.mean_, self.std_)
+        # ties go to the strongest penalty, the simplest model
+        best = max(range(len(scores)), key=lambda k: (scores[k], self.grid_[k]))
+        self.grid_scores_ = [(s, float(a)) for s, a in zip(self.grid_, scores)]
+        self.best_strength_ = self.grid_[best]
+        self.weight_, self.bias_ = self._fit_one(both, best, (grid_weights[best], grid_biases[best]))
+        self.fit_seconds_ = time.perf_counter() - started
+        return self
+
+    def to_head(self, classes, fingerprint, source):
+        """The fitted model as a :class:`LinearHead` over ``classes`` (all class names).
+
+        Classes absent from train get zero weight and a bias of -inf: never predicted.
+        """
+        if len(classes) <= self.classes_.max():
+            raise PipeError(f"labels go up to {self.classes_.max()} but only {len(classes)} class names were given")
+        weight = np.zeros((len(classes), self.weight_.shape[1]), dtype=np.float32)
+        bias = np.full(len(classes), -np.inf, dtype=np.float32)
+        weight[self.classes_], bias[self.classes_] = self.weight_, self.bias_
+        training = {
+            "trainer": self.trainer,
+            "strength": self.best_strength_,
+            "grid_scores": [list(pair) for pair in self.grid_scores_],
+            "seconds": round(self.fit_seconds_, 3),
+            "n_train": self.n_train_,
+            "n_val": self.n_val_,
+            "seed": self.seed,
+            "balanced": self.balanced,
+            "standardize": self.standardize,
+            "n_iter": self.n_iter_,
+            "converged": self.converged_,
+        }
+        return LinearHead(weight, bias, self.mean_, self.std_, list(classes), fingerprint, dict(source), training)
+
+    def _encoded(self, parts):
+        """Standardised float32 features and class positions (into ``classes_``) of ``parts``."""
+        X = np.concatenate([_standardize(x[: x.shape[0]], self.mean_, self.std_) for _, x, _ in parts])
+        y = np.searchsorted(self.classes_, np.concatenate([labels for _, _, labels in parts]))
+        return X, y
+
+    def _fit_grid(self, parts, val):
+        raise NotImplementedError
+
+    def _fit_one(self, parts, index, init):
+        raise NotImplementedError
+
+
+class LinearProbe(_SweepProbe):
+    """Torch linear probe: the whole strength grid is trained at once as one problem.
+
+    Full batch (default): the K grid points form one weight tensor (K, D, C) and one
+    L-BFGS run (strong Wolfe line search) minimises the sum of the K independent losses,
+    features moved to ``device`` once; the refit starts from the chosen grid solution.
+    ``max_iter``/``tol`` bound L-BFGS (``tol`` on the largest gradient entry).
+
+    Mini-batch (``batch_size`` set, or features not an in-memory ndarray such as an
+    ``h5py.Dataset``): contiguous row chunks are streamed, the K models trained together
+    with Adam (learning rate ``lr``) for up to ``max_epochs``, each kept at its best
+    validation epoch (early stopping after ``PATIENCE_EPOCHS`` epochs without any
+    improvement); the refit trains from scratch on train + val for the chosen model's
+    best epoch count. Memory is bounded by the chunk size.
+    """
+
+    trainer = "linear"
+
+    def __init__(self, grid=None, balanced=False, seed=0, device="cpu", max_iter=30, tol=1e-4,
+                 standardize=True, batch_size=None, max_epochs=30, lr=1e-2):
+        super().__init__(grid, balanced, seed, max_iter, tol, standardize)
+        self.device = device
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.lr = lr
+
+    def _streaming(self, parts):
+        return self.batch_size is not None or not all(isinstance(x, np.ndarray) for _, x, _ in parts)
+
+    def _fit_grid(self, parts, val):
+        if self._streaming(parts):
+            weights, biases, self._best_epochs = self._adam(parts, self.grid_, self.max_epochs, val)
+            self.n_iter_ = {"sweep_epochs": self._best_epochs.tolist()}
+            self.converged_ = True
+            return weights, biases
+        X, y = self._encoded(parts)
+        weights, biases, n_iter = self._lbfgs(X, y, self.grid_, init=None)
+        self.n_iter_ = {"sweep": n_iter}
+        return weights, biases
+
+    def _fit_one(self, parts, index, init):
+        strength = [self.grid_[index]]
+        if self._streaming(parts):
+            epochs = max(int(self._best_epochs[index]), 1)
+            weights, biases, _ = self._adam(parts, strength, epochs, val=None)
+            self.n_iter_["refit_epochs"] = epochs
+        else:
+            X, y = self._encoded(parts)
+            weights, biases, n_iter = self._lbfgs(X, y, strength, init=(init[0][None], init[1][None]))
+            self.n_iter_["refit"] = n_iter
+            self.converged_ = n_iter < self.max_iter
+        return weights[0], biases[0]
+
+    def _lbfgs(self, X, y, strengths, init):
+        """Minimise the K summed losses with full-batch L-BFGS; returns (K, C, D), (K, C), iters."""
+        device = torch.device(self.device)
+        n_classes = len(self.classes_)
+        X_t = torch.from_numpy(X).to(device)
+        y_t = torch.from_numpy(y).to(device)
+        sw = torch.from_numpy(_class_weights(y, n_classes, self.balanced)[y] / len(y)).to(device)
+        lam = torch.tensor(strengths, dtype=torch.float32, device=device)
+        n_models, n_dims = len(strengths), X.shape[1]
+        if init is None:
+            weight = torch.zeros(n_models, n_dims, n_classes, device=device)
+            bias = torch.zeros(n_models, n_classes, device=device)
+        else:
+            weight = torch.from_numpy(np.ascontiguousarray(init[0].transpose(0, 2, 1))).to(device)
+            bias = torch.from_numpy(np.array(init[1])).to(device)
+        weight.requires_grad_(True)
+        bias.requires_grad_(True)
+        optimizer = torch.optim.LBFGS(
+            [weight, bias], lr=1, max_iter=self.max_iter, tolerance_grad=self.tol,
+            tolerance_change=1e-9, history_size=20, line_search_fn="strong_wolfe",
+        )
+
+        def closure():
+            loss, grad_w, grad_b = _summed_loss_and_grad(X_t, y_t, sw, weight.detach(), bias.detach(), lam)
+            weight.grad, bias.grad = grad_w, grad_b
+            return loss
+
+        optimizer.step(closure)
+        n_iter = int(optimizer.state[optimizer._params[0]]["n_iter"])
+        return weight.detach().transpose(1, 2).cpu().numpy(), bias.detach().cpu().numpy(), n_iter
+
+    def _adam(self, parts, strengths, epochs, val):
+        """Mini-batch training of K models over streamed chunks; returns weights, biases, best epochs."""
+        device = torch.device(self.device)
+        n_classes, n_dims, n_models = len(self.classes_), parts[0][1].shape[1], len(strengths)
+        labels = np.searchsorted(self.classes_, np.concatenate([y for _, _, y in parts]))
+        class_weight = torch.from_numpy(_class_weights(labels, n_classes, self.balanced)).to(device)
+        lam = torch.tensor(strengths, dtype=torch.float32, device=device)
+        generator = torch.Generator().manual_seed(self.seed)
+        weight = torch.zeros(n_models, n_dims, n_classes, device=device, requires_grad=True)
+        bias = torch.zeros(n_models, n_classes, device=device, requires_grad=True)
+        optimizer = torch.optim.Adam([weight, bias], lr=self.lr)
+        batch = self.batch_size or CHUNK_ROWS
+        chunks = [(X, y, start, stop) for _, X, y in parts for start, stop in _row_chunks(X.shape[0], batch)]
+        best_acc = np.full(n_models, -1.0)
+        best_epoch = np.zeros(n_models, dtype=np.int64)
+        best_w, best_b = np.zeros((n_models, n_classes, n_dims), np.float32), np.zeros((n_models, n_classes), np.float32)
+        for epoch in range(1, epochs + 1):
+            for i in torch.randperm(len(chunks), generator=generator).tolist():
+                X, y, start, stop = chunks[i]
+                x = torch.from_numpy(_standardize(X[start:stop], self.mean_, self.std_)).to(device)
+                target = torch.from_numpy(np.searchsorted(self.classes_, y[start:stop])).to(device)
+                logits = torch.einsum("nd,kdc->nkc", x, weight) + bias
+                ce = torch.nn.functional.cross_entropy(
+                    logits.permute(0, 2, 1), target[:, None].expand(-1, n_models),
+                    weight=class_weight, reduction="none").mean(0)
+                loss = (ce + lam / 2 * weight.square().sum((1, 2))).sum()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            current_w = weight.detach().transpose(1, 2).cpu().numpy()
+            current_b = bias.detach().cpu().numpy()
+            if val is None:
+                best_w, best_b = current_w, current_b
+                continue
+            acc = _accuracies(current_w, current_b, val[0], np.searchsorted(self.classes_, val[1]), self.mean_, self.std_)
+            improved = acc > best_acc
+            best_acc[improved], best_epoch[improved] = acc[improved], epoch
+            best_w[improved], best_b[improved] = current_w[improved], current_b[improved]
+            if epoch - best_epoch.max() >= PATIENCE_EPOCHS:
+                break
+        return best_w, best_b, best_epoch
+
+
+def _summed_loss_and_grad(X, y, sw, weight, bias, lam):
+    """Sum over K models of mean weighted CE + lam/2 ||W||^2, with analytic gradients.
+
+    ``weight`` is (K, D, C), ``bias`` (K, C), ``sw`` per-sample weights summing to 1.
+    Rows are processed in chunks so the (rows, K, C) intermediates stay bounded; all K
+    models share one (D, K*C) matrix product per chunk.
+    """
+    n_models, n_dims, n_classes = weight.shape
+    stacked = weight.permute(1, 0, 2).reshape(n_dims, n_models * n_classes)
+    data_loss = torch.zeros(n_models, dtype=torch.float64, device=X.device)
+    grad_stacked = torch.zeros_like(stacked)
+    grad_b = torch.zeros_like(bias)
+    for start, stop in _row_chunks(X.shape[0]):
+        x, target, w = X[start:stop], y[start:stop], sw[start:stop, None]
+        log_p = torch.log_softmax((x @ stacked).view(-1, n_models, n_classes) + bias, dim=2)
+        picked = log_p.gather(2, target[:, None, None].expand(-1, n_models, 1)).squeeze(2)
+        data_loss -= (w * picked).sum(0, dtype=torch.float64)
+        residual = log_p.exp_()
+        residual.scatter_add_(2, target[:, None, None].expand(-1, n_models, 1),
+                              torch.full((len(target), n_models, 1), -1.0, device=X.device))
+        residual.mul_(w[:, :, None])
+        grad_stacked.addmm_(x.T, residual.view(-1, n_models * n_classes))
+        grad_b += residual.sum(0)
+    grad_w = grad_stacked.view(n_dims, n_models, n_classes).permute(1, 0, 2) + lam[:, None, None] * weight
+    penalty = lam / 2 * weight.square().sum((1, 2))
+    return (data_loss.float() + penalty).sum(), grad_w.contiguous(), grad_b
+
+
+class SklearnProbe(_SweepProbe):
+    """The scikit-learn baseline: one ``LogisticRegression(solver="lbfgs")`` per strength.
+
+    Strength ``lambda`` maps to ``C = 1 / (lambda * n)`` (``n`` rows being fitted), the
+    same objective as :class:`LinearProbe`. Features must fit in memory.
+    """
+
+    trainer = "sklearn"
+
+    def __init__(self, grid=None, balanced=False, seed=0, max_iter=1000, tol=1e-4, standardize=True):
+        super().__init__(grid, balanced, seed, max_iter, tol, standardize)
+
+    def _fit_grid(self, parts, val):
+        X, y = self._encoded(parts)
+        fits = [self._logistic(X, y, strength) for strength in self.grid_]
+        self.n_iter_ = {"sweep": [n_iter for _, _, n_iter in fits]}
+        return np.stack([w for w, _, _ in fits]), np.stack([b for _, b, _ in fits])
+
+    def _fit_one(self, parts, index, init):
+        X, y = self._encoded(parts)
+        weight, bias, n_iter = self._logistic(X, y, self.grid_[index])
+        self.n_iter_["refit"] = n_iter
+        self.converged_ = max(self.n_iter_["sweep"] + [n_iter]) < self.max_iter
+        return weight, bias
+
+    def _logistic(self, X, y, strength):
+        """Fit one model at ``strength``; returns multinomial (C, D), (C,) and iterations.
+
+        With two classes scikit-learn fits a binary model ``w``; the multinomial model
+        with the same penalty is ``[-w/2, w/2]``, which needs ``C = 2 / (lambda * n)``.
+        """
+        binary = len(self.classes_) == 2
+        model = LogisticRegression(
+            C=(2.0 if binary else 1.0) / (strength * len(y)), solver="lbfgs",
+            max_iter=self.max_iter, tol=self.tol, class_weight="balanced" if self.balanced else None,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)  # reported via converged_
+            model.fit(X, y)
+        weight, bias = model.coef_.astype(np.float32), model.intercept_.astype(np.float32)
+        if binary:
+            weight, bias = np.concatenate([-weight, weight]) / 2, np.concatenate([-bias, bias]) / 2
+        return weight, bias, int(np.max(model.n_iter_))
+
+
+PROBES = {"linear": LinearProbe, "sklearn": SklearnProbe}
+
+
+def make_probe(kind, **params):
+    """Build the trainer named ``kind`` ("linear" or "sklearn") with its parameters."""
+    if kind not in PROBES:
+        raise PipeError(f"unknown head trainer {kind!r}; choose one of {', '.join(PROBES)}")
+    accepted = inspect.signature(PROBES[kind]).parameters
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise PipeError(f"head trainer {kind!r} does not take {', '.join(unknown)}")
+    return PROBES[kind](**params)

@@ -1,0 +1,363 @@
+"""The HDF5 feature file: its schema, reading it, and writing it crash-safely.
+
+This is the only module that touches h5py. HDF5 is not journalled, so a feature file is never
+modified in place: an extraction appends small *part* files (each written to a temporary name,
+fsync-ed and renamed, so a part either exists whole or not at all) into ``<out>.parts/``, and
+when the run completes, the previous file's reusable rows and the parts are merged into a new
+file that atomically replaces the old one. Killing the process at any instant leaves the
+previous complete file untouched plus whole parts that the next run resumes from.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import PipeError
+
+SCHEMA_VERSION = 1
+FEATURE_DTYPES = ("float16", "float32")
+_STR = h5py.string_dtype("utf-8")
+_MERGE_ROWS = 8192  # rows copied per step when merging: bounds memory on huge caches
+
+
+@dataclass
+class FeatureSet:
+    """A feature file read into memory (``features`` as float32 unless ``with_features=False``)."""
+
+    path: Path
+    features: np.ndarray | None
+    labels: np.ndarray
+    paths: np.ndarray
+    split: np.ndarray
+    size: np.ndarray
+    mtime_ns: np.ndarray
+    classes: list[str]
+    attrs: dict
+    failed_paths: list[str] = field(default_factory=list)
+    failed_errors: list[str] = field(default_factory=list)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.attrs["fingerprint"]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def split_counts(self) -> dict[str, int]:
+        return {s: int((self.split == s).sum()) for s in ("train", "val", "test")}
+
+    def rows(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(features, labels) of one split; PipeError if it has no samples."""
+        mask = self.split == split
+        if not mask.any():
+            counts = ", ".join(f"{k}={v}" for k, v in self.split_counts().items())
+            raise PipeError(f"split {split!r} of {self.path} has no samples ({counts})")
+        return self.features[mask], self.labels[mask]
+
+
+def _attr(f: h5py.File, name: str):
+    value = f.attrs[name]
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def read_features(path, with_features: bool = True) -> FeatureSet:
+    """Read and validate a feature file; a missing, truncated or foreign file is a PipeError."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipeError(f"feature file {path} does not exist; run `pipe extract` first")
+    try:
+        with h5py.File(path, "r") as f:
+            if "schema_version" not in f.attrs or "features" not in f:
+                raise PipeError(f"{path} is an HDF5 file but not a pipe feature file (no schema_version/features)")
+            if int(f.attrs["schema_version"]) != SCHEMA_VERSION:
+                raise PipeError(f"{path} has feature schema {f.attrs['schema_version']}, this pipe reads "
+                                f"{SCHEMA_VERSION}; re-run pipe extract with --overwrite")
+            attrs = {k: _attr(f, k) for k in f.attrs}
+            for key in ("classes", "transform", "identity"):
+                attrs[key] = json.loads(attrs[key])
+            failed = f["failed"]
+            return FeatureSet(
+                path=path,
+                features=f["features"][:].astype(np.float32) if with_features else None,
+                labels=f["labels"][:],
+                paths=f["paths"].asstr()[:],
+                split=f["split"].asstr()[:],
+                size=f["file_size"][:],
+                mtime_ns=f["file_mtime_ns"][:],
+                classes=attrs["classes"],
+                attrs=attrs,
+                failed_paths=list(failed["paths"].asstr()[:]),
+                failed_errors=list(failed["errors"].asstr()[:]),
+            )
+    except PipeError:
+        raise
+    except (OSError, KeyError, ValueError) as exc:
+        raise PipeError(f"{path} is not a readable pipe feature file ({type(exc).__name__}: {exc}); "
+                        "re-run pipe extract with --overwrite") from None
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _atomic_h5(target: Path):
+    """Yield an open h5py.File at a temporary name; on success fsync and rename onto
+    ``target`` (atomic on POSIX), on any failure remove the temporary file."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            yield f
+        with open(tmp, "rb+") as raw:
+            os.fsync(raw.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_strings(group, name: str, values) -> None:
+    group.create_dataset(name, data=np.array(list(values), dtype=object), dtype=_STR)
+
+
+def _write_failed(group, paths, errors, size=None, mtime_ns=None) -> None:
+    """The ``failed`` group; parts also keep each file's (size, mtime) to resume by."""
+    _write_strings(group, "paths", paths)
+    _write_strings(group, "errors", errors)
+    if size is not None:
+        group.create_dataset("file_size", data=np.asarray(size, dtype=np.int64))
+        group.create_dataset("file_mtime_ns", data=np.asarray(mtime_ns, dtype=np.int64))
+
+
+def _feature_dim(sources: list[tuple[Path, int]]) -> int:
+    """Feature width, read from the first source (0 when no image has features)."""
+    if not sources:
+        return 0
+    with h5py.File(sources[0][0], "r") as f:
+        return f["features"].shape[1]
+
+
+@dataclass
+class Rows:
+    """Images to store, each identified by (path, size, mtime_ns); ``source_paths`` are the
+    names to open (they differ from ``paths`` only for names that are not valid UTF-8)."""
+
+    paths: list[str]
+    size: np.ndarray
+    mtime_ns: np.ndarray
+    source_paths: list[str] | None = None
+
+    def keys(self):
+        return zip(self.paths, self.size.tolist(), self.mtime_ns.tolist())
+
+
+class ExtractionCache:
+    """One extraction's view of an output file: lock, resumable parts, atomic commit.
+
+    Use as a context manager; it holds an exclusive ``fcntl`` lock on ``<out>.lock`` so a
+    second writer fails at once (the OS releases the lock even on ``kill -9``).
+    """
+
+    def __init__(self, out, fingerprint: str, dtype: str, overwrite: bool = False):
+        self.out = Path(out)
+        self.parts_dir = self.out.with_name(self.out.name + ".parts")
+        self.fingerprint = fingerprint
+        self.dtype = dtype
+        self.overwrite = overwrite
+        self.failed_in_output: list[tuple[str, str]] = []  # set by commit
+        self._lock_fd = None
+        self._next_part = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def __enter__(self) -> ExtractionCache:
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(self.out.with_name(self.out.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise PipeError(f"cannot create output {self.out}: {exc.strerror}") from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise PipeError(f"another pipe extract is writing {self.out}; wait for it to finish "
+                            "or choose another --out") from None
+        self._check_previous()
+        self._open_parts()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self._lock_fd)
+
+    def _check_previous(self) -> None:
+        if self.overwrite or not self.out.exists():
+            return
+        old = read_features(self.out, with_features=False)
+        if old.fingerprint != self.fingerprint:
+            raise PipeError(
+                f"{self.out} holds features of another model/weights/transform (fingerprint "
+                f"{old.fingerprint} = {old.attrs['model']} {old.attrs['weights']}, now {self.fingerprint}); "
+                "use --out for a new file or --overwrite to replace it")
+
+    def _open_parts(self) -> None:
+        meta_path = self.parts_dir / "meta.json"
+        meta = {"fingerprint": self.fingerprint}
+        if self.parts_dir.exists():
+            try:
+                previous = json.loads(meta_path.read_text())
+            except (OSError, ValueError):
+                previous = None
+            if previous != meta:
+                if not self.overwrite and previous is not None:
+                    raise PipeError(f"{self.parts_dir} holds an unfinished extraction with other settings "
+                                    f"(fingerprint {previous.get('fingerprint')}); re-run it with those "
+                                    "settings to finish it, or pass --overwrite to discard it")
+                shutil.rmtree(self.parts_dir)
+        if not self.parts_dir.exists():
+            self.parts_dir.mkdir(parents=True)
+            tmp = self.parts_dir / ".meta.json.tmp"
+            tmp.write_text(json.dumps(meta))
+            os.replace(tmp, meta_path)
+        for stale in self.parts_dir.glob(".*.tmp-*"):  # half-written parts of a killed run
+            stale.unlink()
+        numbers = [int(p.stem.split("-")[1]) for p in self._part_files()]
+        self._next_part = max(numbers, default=-1) + 1
+
+    def _part_files(self) -> list[Path]:
+        return sorted(self.parts_dir.glob("part-*.h5"))
+
+    # -- what is already done ----------------------------------------------------------------
+    def done_keys(self) -> set[tuple[str, int, int]]:
+        """Images whose features are already stored, in the previous file or in parts of an
+        interrupted run, keyed by (path, size, mtime_ns). Failed images are not "done": they
+        are retried on every run (cheap, and a fixed permission or file then just works)."""
+        keys = set()
+        if self.out.exists() and not self.overwrite:
+            old = read_features(self.out, with_features=False)
+            keys.update(zip(old.paths.tolist(), old.size.tolist(), old.mtime_ns.tolist()))
+        for part in self._part_files():
+            with h5py.File(part, "r") as f:
+                keys.update(zip(f["paths"].asstr()[:].tolist(), f["file_size"][:].tolist(),
+                                f["file_mtime_ns"][:].tolist()))
+        return keys
+
+    # -- writing -----------------------------------------------------------------------------
+    def _io_error(self, exc: OSError, target: Path) -> PipeError:
+        return PipeError(f"cannot write {target} ({exc}); is the disk full? Progress so far is kept in "
+                         f"{self.parts_dir}: free some space and re-run the same command to resume")
+
+    def write_part(self, done: Rows, features: np.ndarray, failed: Rows, errors: list[str]) -> None:
+        """Commit one batch of results as a new part file (all or nothing)."""
+        target = self.parts_dir / f"part-{self._next_part:06d}.h5"
+        try:
+            with _atomic_h5(target) as f:
+                _write_strings(f, "paths", done.paths)
+                f.create_dataset("file_size", data=done.size)
+                f.create_dataset("file_mtime_ns", data=done.mtime_ns)
+                f.create_dataset("features", data=features.astype(self.dtype, copy=False))
+                _write_failed(f.create_group("failed"), failed.paths, errors, failed.size, failed.mtime_ns)
+        except OSError as exc:
+            raise self._io_error(exc, target) from None
+        self._next_part += 1
+
+    def commit(self, rows: Rows, labels: np.ndarray, split: np.ndarray, attrs: dict) -> bool:
+        """Merge reusable rows of the previous file and all parts into a new feature file for
+        exactly the images in ``rows`` (in that order), atomically replacing ``out``. Returns
+        False, writing nothing, when the result would equal the previous file."""
+        sources, failed = self._index_sources()
+        located, failed_rows = [], []
+        for i, key in enumerate(rows.keys()):
+            if key in sources:
+                located.append((i, sources[key]))
+            elif key in failed:
+                failed_rows.append((i, failed[key]))
+            else:
+                raise RuntimeError(f"no features for {key[0]}: extraction did not finish")  # a bug, not input
+        keep = np.array([i for i, _ in located], dtype=np.int64)
+        failed_idx = [i for i, _ in failed_rows]
+        new = {
+            "paths": [rows.paths[i] for i in keep], "size": rows.size[keep], "mtime_ns": rows.mtime_ns[keep],
+            "labels": labels[keep], "split": split[keep],
+            "failed_paths": [rows.paths[i] for i in failed_idx], "failed_errors": [e for _, e in failed_rows],
+            "classes": attrs["classes"],
+        }
+        self.failed_in_output = list(zip(new["failed_paths"], new["failed_errors"]))
+        if self._equals_previous(new):  # parts can then only hold retried failures
+            shutil.rmtree(self.parts_dir, ignore_errors=True)
+            return False
+        try:
+            with _atomic_h5(self.out) as f:
+                self._write_file(f, new, [src for _, src in located], attrs)
+        except OSError as exc:
+            raise self._io_error(exc, self.out) from None
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
+        return True
+
+    def _index_sources(self):
+        """(key -> (file, row) for stored features, key -> error for failed images); later
+        parts win over earlier ones and over the previous file."""
+        sources, failed = {}, {}
+        files = ([self.out] if self.out.exists() and not self.overwrite else []) + self._part_files()
+        for file in files:
+            with h5py.File(file, "r") as f:
+                keys = zip(f["paths"].asstr()[:].tolist(), f["file_size"][:].tolist(), f["file_mtime_ns"][:].tolist())
+                for row, key in enumerate(keys):
+                    sources[key] = (file, row)
+                    failed.pop(key, None)
+                if file != self.out:  # the old file's failures are retried, so never reused
+                    g = f["failed"]
+                    fkeys = zip(g["paths"].asstr()[:].tolist(), g["file_size"][:].tolist(),
+                                g["file_mtime_ns"][:].tolist())
+                    for key, error in zip(fkeys, g["errors"].asstr()[:].tolist()):
+                        failed[key] = error
+                        sources.pop(key, None)
+        return sources, failed
+
+    def _equals_previous(self, new: dict) -> bool:
+        if self.overwrite or not self.out.exists():
+            return False
+        old = read_features(self.out, with_features=False)
+        return (old.paths.tolist() == new["paths"] and np.array_equal(old.size, new["size"])
+                and np.array_equal(old.mtime_ns, new["mtime_ns"]) and np.array_equal(old.labels, new["labels"])
+                and old.split.tolist() == new["split"].tolist() and old.classes == new["classes"]
+                and old.failed_paths == new["failed_paths"] and old.failed_errors == new["failed_errors"])
+
+    def _write_file(self, f: h5py.File, new: dict, sources: list[tuple[Path, int]], attrs: dict) -> None:
+        n, dim = len(new["paths"]), _feature_dim(sources)
+        features = f.create_dataset("features", shape=(n, dim), dtype=self.dtype,
+                                    chunks=(min(n, 256), dim) if n else None)
+        for start in range(0, n, _MERGE_ROWS):
+            chunk = sources[start:start + _MERGE_ROWS]
+            block = np.empty((len(chunk), dim), dtype=self.dtype)
+            by_file: dict[Path, list[tuple[int, int]]] = {}
+            for pos, (file, row) in enumerate(chunk):
+                by_file.setdefault(file, []).append((row, pos))
+            for file, pairs in by_file.items():
+                pairs.sort()
+                src_rows = np.array([r for r, _ in pairs])
+                with h5py.File(file, "r") as src:
+                    lo, hi = src_rows[0], src_rows[-1] + 1
+                    block[[p for _, p in pairs]] = src["features"][lo:hi][src_rows - lo]
+            features[start:start + len(chunk)] = block
+        f.create_dataset("labels", data=np.asarray(new["labels"], dtype=np.int64))
+        _write_strings(f, "paths", new["paths"])
+        _write_strings(f, "split", new["split"])
+        f.create_dataset("file_size", data=np.asarray(new["size"], dtype=np.int64))
+        f.create_dataset("file_mtime_ns", data=np.asarray(new["mtime_ns"], dtype=np.int64))
+        _write_failed(f.create_group("failed"), new["failed_paths"], new["failed_errors"])
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["feature_dim"] = dim
+        for key, value in attrs.items():
+            f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
