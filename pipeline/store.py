@@ -361,3 +361,8 @@ class ExtractionCache:
         f.attrs["feature_dim"] = dim
         for key, value in attrs.items():
             f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+
+
+def is_feature_file(path) -> bool:
+    """True when ``path`` is an HDF5 file (whether or not a valid pipe one)."""
+    return h5py.is_hdf5(path)

@@ -1,0 +1,215 @@
+"""The ``pipe`` command line: parse, call a library function, print. Nothing else lives here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .config import command_defaults
+from .errors import PipeError
+
+DEFAULT_FEATURES = "cache/features.h5"
+DEFAULT_HEAD = "cache/head.pt"
+DEFAULT_METRICS = "cache/metrics.json"
+
+
+class FloatList(click.ParamType):
+    """Comma-separated numbers on the command line, or a list in a TOML preset."""
+
+    name = "floats"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            items = [v for v in str(value).split(",") if v.strip()]
+        try:
+            return tuple(float(v) for v in items)
+        except (TypeError, ValueError):
+            self.fail(f"expected comma-separated numbers, got {value!r}", param, ctx)
+
+
+class PipeGroup(click.Group):
+    """Turns a :class:`PipeError` or a usage error in a command into one line on stderr and
+    exit status 2; ``pipe --debug`` shows the traceback instead."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except PipeError as exc:
+            if ctx.params.get("debug"):
+                raise
+            message = str(exc)
+        except click.UsageError as exc:
+            where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
+            message = exc.format_message() + where
+        click.echo(f"error: {message}", err=True)
+        ctx.exit(2)
+
+
+def _load_config(ctx: click.Context, param, value):
+    """Eager ``--config``: its table becomes the command's defaults (options still win)."""
+    if value:
+        known = {p.name for p in ctx.command.params if p.name != "config"}
+        ctx.default_map = {**(ctx.default_map or {}), **command_defaults(value, ctx.command.name, known)}
+    return value
+
+
+config_option = click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
+                             callback=_load_config, help="TOML preset; its [command] table sets defaults.")
+
+
+@click.group(cls=PipeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(__version__, prog_name="pipe")
+@click.pass_context
+def main(ctx, quiet, debug):
+    """Transfer learning by feature extraction: extract once, train heads in seconds."""
+    ctx.obj = {"quiet": quiet}
+
+
+@main.command()
+@click.argument("data", type=click.Path(file_okay=False))
+@click.option("--model", default="efficientnet_lite0", show_default=True, help="Backbone name (see `pipe models`).")
+@click.option("--weights", default="DEFAULT", show_default=True,
+              help="DEFAULT, a weights enum name (IMAGENET1K_V2), a state_dict file, or none.")
+@click.option("--out", default=DEFAULT_FEATURES, show_default=True, type=click.Path(dir_okay=False))
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--workers", default=None, type=int, help="DataLoader workers [default: CPU cores, at most 8].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--image-size", default=None, type=int, help="Crop size, overriding the weights' transform.")
+@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
+              help="Storage dtype of the features.")
+@click.option("--split-fractions", default="0.7,0.15,0.15", show_default=True, type=FloatList(),
+              help="train,val,test fractions when the folder has no train/val/test sub-folders.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split.")
+@click.option("--overwrite", is_flag=True, help="Replace an output made with other settings.")
+@click.option("--strict", is_flag=True, help="Fail if any image cannot be read.")
+@click.option("--checkpoint-every", default=1024, show_default=True, type=int,
+              help="Commit progress every N images (resume point after a crash).")
+@config_option
+@click.pass_obj
+def extract(obj, data, **options):
+    """Run the frozen backbone once over DATA and cache pooled features (HDF5)."""
+    from .extract import extract_features
+
+    s = extract_features(data, progress=not obj["quiet"], **options)
+    if not s.written:
+        click.echo(f"{s.out} is up to date: {s.total - len(s.failed)} images, nothing to extract "
+                   f"({len(s.failed)} skipped)")
+        return
+    rate = f", {s.images_per_second:.1f} img/s" if s.extracted else ""
+    click.echo(f"{s.extracted} extracted, {s.reused} reused, {len(s.failed)} skipped -> {s.out} "
+               f"({s.seconds:.1f} s{rate})")
+    if s.failed:
+        click.echo(f"skipped images are listed by `pipe info {s.out} --failed`", err=True)
+
+
+@main.command("train-head")
+@click.argument("features", default=DEFAULT_FEATURES, type=click.Path(dir_okay=False))
+@click.option("--out", default=DEFAULT_HEAD, show_default=True, type=click.Path(dir_okay=False))
+@click.option("--head", "kind", default="linear", show_default=True, type=click.Choice(["linear", "sklearn"]),
+              help="linear: batched torch sweep; sklearn: LogisticRegression baseline.")
+@click.option("--grid", default=None, type=FloatList(), help="L2 strengths to sweep [default: 16-point log grid].")
+@click.option("--balanced", is_flag=True, help="Weight classes inversely to their frequency.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (linear head).")
+@config_option
+def train_head(features, out, kind, **params):
+    """Train a linear head on cached FEATURES, choosing L2 strength on validation."""
+    from .train import train_head as train
+
+    params = {k: v for k, v in params.items() if v is not None}
+    if kind == "sklearn":
+        params.pop("device", None)
+    head, probe = train(features, out, kind, **params)
+    click.echo("strength    val accuracy")
+    for strength, accuracy in probe.grid_scores_:
+        mark = "  <- chosen" if strength == probe.best_strength_ else ""
+        click.echo(f"{strength:<10.3g}  {accuracy:.4f}{mark}")
+    best = dict(probe.grid_scores_)[probe.best_strength_]
+    click.echo(f"{kind} head: strength {probe.best_strength_:.3g}, val accuracy {best:.4f}, "
+               f"trained in {probe.fit_seconds_:.2f} s -> {out}")
+
+
+@main.command()
+@click.option("--features", default=DEFAULT_FEATURES, show_default=True, type=click.Path(dir_okay=False))
+@click.option("--head", default=DEFAULT_HEAD, show_default=True, type=click.Path(dir_okay=False))
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
+@click.option("--json", "json_path", default=DEFAULT_METRICS, show_default=True, type=click.Path(dir_okay=False))
+@config_option
+def evaluate(features, head, split, json_path):
+    """Score a head on a split of the cached features; print and save metrics."""
+    from .evaluate import evaluate_head
+    from .metrics import format_report
+
+    report = evaluate_head(features, head, split)
+    click.echo(format_report(report))
+    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(json_path).write_text(json.dumps(report, indent=2))
+    click.echo(f"metrics -> {json_path}")
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--head", default=DEFAULT_HEAD, show_default=True, type=click.Path(dir_okay=False))
+@click.option("--topk", default=3, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@config_option
+def predict(inputs, head, topk, device, batch_size):
+    """Classify images (files or folders) with a trained head and its backbone."""
+    from .heads import LinearHead
+    from .predict import predict_images
+
+    for p in predict_images(LinearHead.load(head), inputs, topk, device, batch_size):
+        if p.error:
+            click.echo(f"{p.path}: skipped ({p.error})")
+        else:
+            click.echo(f"{p.path}: " + ", ".join(f"{name} {prob:.3f}" for name, prob in p.top))
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--failed", "show_failed", is_flag=True, help="List images that could not be read.")
+def info(file, show_failed):
+    """Summarise a feature file (.h5) or a head file (.pt)."""
+    from .info import describe
+
+    click.echo(describe(file, show_failed))
+
+
+@main.command()
+@click.option("--family", default=None, help="Only names containing this, e.g. resnet.")
+def models(family):
+    """List the backbones --model accepts."""
+    from .backbones import list_backbones
+
+    for name in list_backbones():
+        if family is None or family in name:
+            click.echo(name)
+
+
+@main.command("make-dataset")
+@click.argument("name", type=click.Choice(["fashion-mnist", "digits"]))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--train-per-class", default=None, type=int)
+@click.option("--test-per-class", default=None, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+def make_dataset(name, out, **sizes):
+    """Write a small real dataset as an image folder (train/ and test/), offline."""
+    from .datasets import DATASETS
+
+    if Path(out).exists() and any(Path(out).iterdir()):
+        click.echo(f"{out} exists and is not empty; leaving it as it is")
+        return
+    source = DATASETS[name](out, **{k: v for k, v in sizes.items() if v is not None})
+    click.echo(f"{name} from {source} -> {out}")
+
+
+if __name__ == "__main__":
+    main()

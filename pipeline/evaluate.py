@@ -1,0 +1,24 @@
+"""Stage 3: score a head on a split of the cached features."""
+
+from __future__ import annotations
+
+from .errors import PipeError
+from .heads import LinearHead
+from .metrics import classification_report
+from .store import read_features
+
+
+def evaluate_head(features_path, head_path, split: str = "test") -> dict:
+    """Metrics of the head at ``head_path`` on ``split`` of the feature file (see
+    :func:`pipeline.metrics.classification_report`). The head must have been trained on
+    features with the same fingerprint and classes."""
+    head = LinearHead.load(head_path)
+    features = read_features(features_path)
+    head.check_fingerprint(features.fingerprint)
+    if head.classes != features.classes:
+        raise PipeError(f"head {head_path} knows classes {head.classes} but {features.path} has "
+                        f"{features.classes}; retrain with pipe train-head")
+    X, y = features.rows(split)
+    report = classification_report(y, head.predict_proba(X), features.classes)
+    report["split"] = split
+    return report

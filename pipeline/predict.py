@@ -1,0 +1,79 @@
+"""Using a trained head: backbone + head on new images, without touching the cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backbones import resolve_backbone
+from .data import IMAGE_EXTENSIONS, EvalTransform, ImageFiles
+from .errors import PipeError
+from .extract import FeatureExtractor, resolve_device
+from .heads import LinearHead
+
+
+@dataclass
+class Prediction:
+    """Top-k classes of one image, or the reason it could not be read."""
+
+    path: str
+    top: list[tuple[str, float]]
+    error: str = ""
+
+
+def expand_inputs(inputs) -> list[Path]:
+    """Image files given directly, plus the images found (recursively) in given folders."""
+    files = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files.extend(sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS))
+        elif item.exists() or item.is_symlink():
+            files.append(item)
+        else:
+            raise PipeError(f"{item} does not exist")
+    if not files:
+        raise PipeError(f"no images found in {', '.join(map(str, inputs))}")
+    return files
+
+
+def backbone_for_head(head: LinearHead):
+    """Rebuild the backbone a head's features came from, and check it still makes the same
+    features (e.g. that a weights file was not replaced since extraction)."""
+    source = head.source
+    spec = resolve_backbone(source["model"], source["weights"], dtype=source["identity"]["dtype"])
+    spec = type(spec)(spec.name, spec.weights, spec.weights_id, EvalTransform.from_dict(source["transform"]),
+                      spec.dtype)
+    if spec.fingerprint != head.fingerprint:
+        raise PipeError(f"the backbone {spec.name} with weights {spec.weights} now gives features "
+                        f"{spec.fingerprint}, but the head was trained on {head.fingerprint}; "
+                        "were the weights changed? Re-extract and retrain")
+    return spec.build()
+
+
+def predict_images(head: LinearHead, inputs, topk: int = 5, device: str = "auto", batch_size: int = 32,
+                   workers: int = 0) -> list[Prediction]:
+    """Classify image files (or folders of them) with ``head`` and its backbone."""
+    files = expand_inputs(inputs)
+    backbone = backbone_for_head(head)
+    run = FeatureExtractor(backbone, resolve_device(device))
+    dataset = ImageFiles(Path("."), [str(p) for p in files], backbone.spec.transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    k = min(topk, len(head.classes))
+    storage = np.dtype(backbone.spec.dtype)
+    results = []
+    for index, pixels, errors in loader:
+        good = [j for j, e in enumerate(errors) if not e]
+        # round-trip through the cache's storage dtype: the head saw features stored that way
+        proba = head.predict_proba(run(pixels[good]).astype(storage).astype(np.float32)) if good else None
+        row = dict(zip(good, range(len(good))))
+        for j, i in enumerate(index.tolist()):
+            if errors[j]:
+                results.append(Prediction(str(files[i]), [], errors[j]))
+                continue
+            p = proba[row[j]]
+            order = np.argsort(-p)[:k]
+            results.append(Prediction(str(files[i]), [(head.classes[c], float(p[c])) for c in order]))
+    return results

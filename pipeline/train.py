@@ -1,0 +1,35 @@
+"""Stage 2: train a linear head on a cached feature file."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import PipeError
+from .heads import LinearHead, make_probe
+from .store import read_features
+
+
+def feature_source(features) -> dict:
+    """What a head needs to know about its features to rebuild the backbone for predict."""
+    keys = ("model", "weights", "weights_id", "transform", "identity")
+    return {**{k: features.attrs[k] for k in keys}, "feature_file": str(features.path)}
+
+
+def train_head(features_path, out="cache/head.pt", kind: str = "linear", **params):
+    """Train a ``kind`` head ("linear" or "sklearn") on the train split of a feature file,
+    choosing the L2 strength on ``val`` (or a hold-out of train), and save it to ``out``.
+
+    ``params`` go to the probe (grid, balanced, seed, device, max_iter, ...). Returns
+    ``(head, probe)``; the probe holds the grid scores and timing.
+    """
+    features = read_features(features_path)
+    X_train, y_train = features.rows("train")
+    present = np.unique(y_train)
+    if len(present) < 2:
+        raise PipeError(f"train-head needs at least 2 classes in the train split of {features.path}, "
+                        f"found {len(present)} ({', '.join(features.classes[i] for i in present)})")
+    X_val, y_val = features.rows("val") if features.split_counts()["val"] else (None, None)
+    probe = make_probe(kind, **params).fit(X_train, y_train, X_val, y_val)
+    head: LinearHead = probe.to_head(features.classes, features.fingerprint, feature_source(features))
+    head.save(out)
+    return head, probe
