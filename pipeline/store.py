@@ -11,8 +11,10 @@ previous complete file untouched plus whole parts that the next run resumes from
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
+import resource
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -113,20 +115,47 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _publish(tmp: Path, target: Path) -> None:
+    """fsync ``tmp`` and rename it onto ``target``: readers see the old file or the new one."""
+    with open(tmp, "rb+") as raw:
+        os.fsync(raw.fileno())
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+
+
+def _tmp_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}.tmp-{os.getpid()}")
+
+
+def _write_bytes_atomic(target: Path, data: bytes) -> None:
+    tmp = _tmp_name(target)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        _publish(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 @contextmanager
 def _atomic_h5(target: Path):
-    """Yield an open h5py.File at a temporary name; on success fsync and rename onto
-    ``target`` (atomic on POSIX), on any failure remove the temporary file."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    """Yield an h5py.File at a temporary name, then publish it onto ``target``; on failure
+    the temporary file is removed and ``target`` is untouched."""
+    tmp = _tmp_name(target)
     try:
         with h5py.File(tmp, "w") as f:
             yield f
-        with open(tmp, "rb+") as raw:
-            os.fsync(raw.fileno())
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        _publish(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _writable_bytes(folder: Path) -> float:
+    """Bytes one file may still grow to in ``folder``: free disk space, and the process's
+    file-size limit (``ulimit -f``) where one is set."""
+    limit = shutil.disk_usage(folder).free
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return min(limit, soft) if soft != resource.RLIM_INFINITY else limit
 
 
 def _write_strings(group, name: str, values) -> None:
@@ -148,6 +177,14 @@ def _feature_dim(sources: list[tuple[Path, int]]) -> int:
         return 0
     with h5py.File(sources[0][0], "r") as f:
         return f["features"].shape[1]
+
+
+def _estimated_size(n: int, dim: int, itemsize: int, new: dict) -> int:
+    """An upper bound on a feature file's size: the feature matrix, per-row metadata and
+    strings (variable-length storage overhead included), and a fixed allowance for HDF5."""
+    strings = sum(len(p.encode()) + 32 for p in new["paths"] + new["failed_paths"])
+    strings += sum(len(e.encode()) + 32 for e in new["failed_errors"])
+    return n * dim * itemsize + n * (3 * 8 + 48) + strings + 256 * 1024
 
 
 @dataclass
@@ -261,13 +298,15 @@ class ExtractionCache:
     def write_part(self, done: Rows, features: np.ndarray, failed: Rows, errors: list[str]) -> None:
         """Commit one batch of results as a new part file (all or nothing)."""
         target = self.parts_dir / f"part-{self._next_part:06d}.h5"
+        image = io.BytesIO()  # built in memory: a full disk then fails in plain file I/O, cleanly
+        with h5py.File(image, "w") as f:
+            _write_strings(f, "paths", done.paths)
+            f.create_dataset("file_size", data=done.size)
+            f.create_dataset("file_mtime_ns", data=done.mtime_ns)
+            f.create_dataset("features", data=features.astype(self.dtype, copy=False))
+            _write_failed(f.create_group("failed"), failed.paths, errors, failed.size, failed.mtime_ns)
         try:
-            with _atomic_h5(target) as f:
-                _write_strings(f, "paths", done.paths)
-                f.create_dataset("file_size", data=done.size)
-                f.create_dataset("file_mtime_ns", data=done.mtime_ns)
-                f.create_dataset("features", data=features.astype(self.dtype, copy=False))
-                _write_failed(f.create_group("failed"), failed.paths, errors, failed.size, failed.mtime_ns)
+            _write_bytes_atomic(target, image.getvalue())
         except OSError as exc:
             raise self._io_error(exc, target) from None
         self._next_part += 1
@@ -297,10 +336,15 @@ class ExtractionCache:
         if self._equals_previous(new):  # parts can then only hold retried failures
             shutil.rmtree(self.parts_dir, ignore_errors=True)
             return False
+        sources = [src for _, src in located]
+        # HDF5 cannot fail a write cleanly (it may crash the process), so check for room first
+        needed = _estimated_size(len(sources), _feature_dim(sources), np.dtype(self.dtype).itemsize, new)
+        if needed > _writable_bytes(self.out.parent):
+            raise self._io_error(OSError(f"about {needed / 1e6:.1f} MB needed, not that much room"), self.out)
         try:
             with _atomic_h5(self.out) as f:
-                self._write_file(f, new, [src for _, src in located], attrs)
-        except OSError as exc:
+                self._write_file(f, new, sources, attrs)
+        except (OSError, RuntimeError) as exc:
             raise self._io_error(exc, self.out) from None
         shutil.rmtree(self.parts_dir, ignore_errors=True)
         return True
@@ -335,7 +379,7 @@ class ExtractionCache:
                 and old.failed_paths == new["failed_paths"] and old.failed_errors == new["failed_errors"])
 
     def _write_file(self, f: h5py.File, new: dict, sources: list[tuple[Path, int]], attrs: dict) -> None:
-        n, dim = len(new["paths"]), _feature_dim(sources)
+        n, dim = len(sources), _feature_dim(sources)
         features = f.create_dataset("features", shape=(n, dim), dtype=self.dtype,
                                     chunks=(min(n, 256), dim) if n else None)
         for start in range(0, n, _MERGE_ROWS):
