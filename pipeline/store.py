@@ -257,7 +257,8 @@ class ExtractionCache:
             except (OSError, ValueError):
                 previous = None
             if previous != meta:
-                if not self.overwrite and previous is not None:
+                # parts of other settings are kept for their own command to finish, unless there are none
+                if not self.overwrite and previous is not None and self._part_files():
                     raise PipeError(f"{self.parts_dir} holds an unfinished extraction with other settings "
                                     f"(fingerprint {previous.get('fingerprint')}); re-run it with those "
                                     "settings to finish it, or pass --overwrite to discard it")
