@@ -32,6 +32,23 @@ class FloatList(click.ParamType):
             self.fail(f"expected comma-separated numbers, got {value!r}", param, ctx)
 
 
+class Shard(click.ParamType):
+    """``I/N``: the I-th (0-based) of N shards."""
+
+    name = "I/N"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            index, count = (int(v) for v in str(value).split("/"))
+        except ValueError:
+            self.fail(f"expected I/N such as 0/4, got {value!r}", param, ctx)
+        if not 0 <= index < count:
+            self.fail(f"expected 0 <= I < N, got {value}", param, ctx)
+        return index, count
+
+
 class PipeGroup(click.Group):
     """Turns a :class:`PipeError` or a usage error in a command into one line on stderr and
     exit status 2; ``pipe --debug`` shows the traceback instead."""
@@ -91,6 +108,8 @@ def main(ctx, quiet, debug):
 @click.option("--strict", is_flag=True, help="Fail if any image cannot be read.")
 @click.option("--checkpoint-every", default=1024, show_default=True, type=int,
               help="Commit progress every N images (resume point after a crash).")
+@click.option("--shard", default=None, type=Shard(),
+              help="Extract only shard I of N into --out (combine shards with `pipe merge`).")
 @config_option
 @click.pass_obj
 def extract(obj, data, **options):
@@ -98,6 +117,8 @@ def extract(obj, data, **options):
     from .extract import extract_features
 
     s = extract_features(data, progress=not obj["quiet"], **options)
+    if s.rank:
+        return
     if not s.written:
         click.echo(f"{s.out} is up to date: {s.total - len(s.failed)} images, nothing to extract "
                    f"({len(s.failed)} skipped)")
@@ -107,6 +128,18 @@ def extract(obj, data, **options):
                f"({s.seconds:.1f} s{rate})")
     if s.failed:
         click.echo(f"skipped images are listed by `pipe info {s.out} --failed`", err=True)
+
+
+@main.command()
+@click.argument("shards", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--out", default=DEFAULT_FEATURES, show_default=True, type=click.Path(dir_okay=False))
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+def merge(shards, out, overwrite):
+    """Merge shard files of `pipe extract --shard I/N` into one feature file."""
+    from .store import merge_feature_files
+
+    merged = merge_feature_files(shards, out, overwrite)
+    click.echo(f"merged {len(shards)} shards: {len(merged)} images, {len(merged.failed_paths)} skipped -> {out}")
 
 
 @main.command("train-head")
@@ -192,6 +225,36 @@ def models(family):
     for name in list_backbones():
         if family is None or family in name:
             click.echo(name)
+
+
+@main.command()
+@click.argument("data", type=click.Path(file_okay=False))
+@click.option("--model", default="efficientnet_lite0", show_default=True, help="Backbone name (see `pipe models`).")
+@click.option("--weights", default="DEFAULT", show_default=True, help="DEFAULT, an enum name, a state_dict file, or none.")
+@click.option("--epochs", default=3, show_default=True, type=int, help="Epochs for every strategy.")
+@click.option("--image-size", default=None, type=int, help="Crop size, overriding the weights' transform.")
+@click.option("--limit", default=None, type=int, help="At most N training images (class-balanced, seeded).")
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--lr", default=0.01, show_default=True, type=float, help="SGD learning rate (momentum 0.9, cosine).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of --limit, batch order and head init.")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the results as JSON.")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
+              help="Plot accuracy vs time (needs matplotlib; evaluates after every epoch).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.pass_obj
+def bench(obj, data, limit, json_path, plot_path, **settings):
+    """Time fine-tuning vs frozen-online vs cached features on DATA, side by side."""
+    from .bench import BenchSettings, format_benchmark, plot_benchmark, run_benchmark
+
+    result = run_benchmark(data, BenchSettings(**settings), limit=limit, track_curve=plot_path is not None,
+                           progress=not obj["quiet"])
+    click.echo(format_benchmark(result))
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result.to_dict(), indent=2))
+        click.echo(f"results -> {json_path}")
+    if plot_path:
+        click.echo(f"plot -> {plot_benchmark(result, plot_path)}")
 
 
 @main.command("make-dataset")

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from . import __version__
 from .backbones import Backbone, resolve_backbone
 from .data import DEFAULT_SPLIT_FRACTIONS, ImageFiles, display_path, scan_image_folder
+from .distributed import Workers
 from .errors import PipeError
 from .store import FEATURE_DTYPES, ExtractionCache, Rows
 
@@ -31,6 +32,7 @@ class ExtractSummary:
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     written: bool = True
+    rank: int = 0  # under torchrun, only rank 0 reports
 
     @property
     def images_per_second(self) -> float:
@@ -93,26 +95,43 @@ def extract_features(
     strict: bool = False,
     checkpoint_every: int = 1024,
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> ExtractSummary:
     """Extract features for every image under ``data_root`` into ``out`` (HDF5).
 
     Only images not already in ``out`` (same path, size and mtime, same fingerprint) are run
     through the backbone; results are committed in parts every ``checkpoint_every`` images,
     so an interrupted run resumes where it stopped. See :mod:`pipeline.store`.
+
+    Under ``torchrun`` the work is shared by all ranks and rank 0 writes the one output file.
+    ``shard=(I, N)`` instead extracts only every N-th image (from the I-th) into its own
+    file, for ``pipe merge`` to combine.
     """
     _check_options(dtype, batch_size, checkpoint_every)
     started = time.perf_counter()
     manifest = scan_image_folder(data_root, split_fractions, seed)
     spec = resolve_backbone(model, weights, image_size, dtype)
-    rows = Rows([display_path(p) for p in manifest.paths], manifest.size, manifest.mtime_ns, manifest.paths)
-    with ExtractionCache(out, spec.fingerprint, dtype, overwrite) as cache:
+    selected = np.arange(len(manifest)) if shard is None else _shard_rows(len(manifest), *shard)
+    rows = Rows([display_path(manifest.paths[i]) for i in selected], manifest.size[selected],
+                manifest.mtime_ns[selected], [manifest.paths[i] for i in selected])
+    target = resolve_device(device)
+    group = Workers.from_env(target)
+    cache = ExtractionCache(out, spec.fingerprint, dtype, overwrite, writer=group.rank)
+    try:
+        group.leader_then_all(cache.acquire)
+        cache.attach()
         done = cache.done_keys()
         todo = [i for i, key in enumerate(rows.keys()) if key not in done]
-        failed: list[tuple[str, str]] = []
-        if todo:
-            backbone = spec.build()
-            failed = _run(backbone, resolve_device(device), manifest.root, todo, rows, cache, batch_size,
-                          default_workers() if workers is None else workers, checkpoint_every, progress)
+        mine = group.shard(todo)
+        workers = default_workers() // group.local_world_size if workers is None else workers
+
+        def run_my_share() -> list[tuple[str, str]]:
+            if not mine:
+                return []
+            return _run(spec.build(), group.device(target), manifest.root, mine, rows, cache, batch_size,
+                        workers, checkpoint_every, progress and group.is_leader)
+
+        failed = [f for rank_failed in group.gather(run_my_share) for f in rank_failed]
         if strict and failed:
             path, reason = failed[0]
             raise PipeError(f"{len(failed)} image(s) could not be read (first: {path}: {reason}); "
@@ -122,11 +141,24 @@ def extract_features(
             "transform": spec.transform.to_dict(), "identity": spec.identity, "fingerprint": spec.fingerprint,
             "dtype": dtype, "pipe_version": __version__, "data_root": str(Path(data_root).resolve()),
             "split_seed": seed, "split_fractions": list(split_fractions), "given_splits": manifest.given_splits,
+            **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {}),
         }
-        written = cache.commit(rows, manifest.labels, manifest.split, attrs)
-    return ExtractSummary(out=Path(out), total=len(manifest), extracted=len(todo) - len(failed),
-                          reused=len(manifest) - len(todo), failed=cache.failed_in_output,
-                          seconds=time.perf_counter() - started, written=written)
+        written, failed_in_output = group.leader_then_all(
+            lambda: (cache.commit(rows, manifest.labels[selected], manifest.split[selected], attrs),
+                     cache.failed_in_output))
+    finally:
+        cache.release()
+        group.close()
+    return ExtractSummary(out=Path(out), total=len(rows.paths), extracted=len(todo) - len(failed),
+                          reused=len(rows.paths) - len(todo), failed=failed_in_output,
+                          seconds=time.perf_counter() - started, written=written, rank=group.rank)
+
+
+def _shard_rows(n: int, index: int, count: int) -> np.ndarray:
+    """Rows of shard ``index`` of ``count`` (0-based): every count-th image, by path order."""
+    if not 0 <= index < count:
+        raise PipeError(f"--shard must be I/N with 0 <= I < N, got {index}/{count}")
+    return np.arange(index, n, count)
 
 
 class _PartBuffer:

@@ -201,42 +201,65 @@ class Rows:
         return zip(self.paths, self.size.tolist(), self.mtime_ns.tolist())
 
 
+def lock_output(out: Path) -> int:
+    """Take the exclusive writer lock of ``out`` (``<out>.lock``), or fail at once."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out.with_name(out.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise PipeError(f"cannot create output {out}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise PipeError(f"another pipe process is writing {out}; wait for it to finish or choose another --out") from None
+    return fd
+
+
 class ExtractionCache:
     """One extraction's view of an output file: lock, resumable parts, atomic commit.
 
-    Use as a context manager; it holds an exclusive ``fcntl`` lock on ``<out>.lock`` so a
-    second writer fails at once (the OS releases the lock even on ``kill -9``).
+    The leader (the only process of a plain run; rank 0 under torchrun) calls
+    :meth:`acquire`, which takes an exclusive ``fcntl`` lock on ``<out>.lock`` so a second
+    writer fails at once (the OS releases it even on ``kill -9``), checks the previous file and
+    prepares the parts folder; other ranks then :meth:`attach`. Each writer names its parts
+    with its ``writer`` number, so ranks never collide. As a context manager it acquires.
     """
 
-    def __init__(self, out, fingerprint: str, dtype: str, overwrite: bool = False):
+    def __init__(self, out, fingerprint: str, dtype: str, overwrite: bool = False, writer: int = 0):
         self.out = Path(out)
         self.parts_dir = self.out.with_name(self.out.name + ".parts")
         self.fingerprint = fingerprint
         self.dtype = dtype
         self.overwrite = overwrite
+        self.writer = writer
         self.failed_in_output: list[tuple[str, str]] = []  # set by commit
         self._lock_fd = None
         self._next_part = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def __enter__(self) -> ExtractionCache:
-        try:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            self._lock_fd = os.open(self.out.with_name(self.out.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise PipeError(f"cannot create output {self.out}: {exc.strerror}") from None
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise PipeError(f"another pipe extract is writing {self.out}; wait for it to finish "
-                            "or choose another --out") from None
+    def acquire(self) -> ExtractionCache:
+        self._lock_fd = lock_output(self.out)
         self._check_previous()
         self._open_parts()
+        return self.attach()
+
+    def attach(self) -> ExtractionCache:
+        """Join a parts folder the leader prepared: continue this writer's part numbering."""
+        mine = [int(p.stem.rsplit("-", 1)[1]) for p in self.parts_dir.glob(f"part-r{self.writer}-*.h5")]
+        self._next_part = max(mine, default=-1) + 1
         return self
 
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> ExtractionCache:
+        return self.acquire()
+
     def __exit__(self, *exc) -> None:
-        os.close(self._lock_fd)
+        self.release()
 
     def _check_previous(self) -> None:
         if self.overwrite or not self.out.exists():
@@ -270,8 +293,6 @@ class ExtractionCache:
             os.replace(tmp, meta_path)
         for stale in self.parts_dir.glob(".*.tmp-*"):  # half-written parts of a killed run
             stale.unlink()
-        numbers = [int(p.stem.split("-")[1]) for p in self._part_files()]
-        self._next_part = max(numbers, default=-1) + 1
 
     def _part_files(self) -> list[Path]:
         return sorted(self.parts_dir.glob("part-*.h5"))
@@ -298,7 +319,7 @@ class ExtractionCache:
 
     def write_part(self, done: Rows, features: np.ndarray, failed: Rows, errors: list[str]) -> None:
         """Commit one batch of results as a new part file (all or nothing)."""
-        target = self.parts_dir / f"part-{self._next_part:06d}.h5"
+        target = self.parts_dir / f"part-r{self.writer}-{self._next_part:06d}.h5"
         image = io.BytesIO()  # built in memory: a full disk then fails in plain file I/O, cleanly
         with h5py.File(image, "w") as f:
             _write_strings(f, "paths", done.paths)
@@ -337,15 +358,9 @@ class ExtractionCache:
         if self._equals_previous(new):  # parts can then only hold retried failures
             shutil.rmtree(self.parts_dir, ignore_errors=True)
             return False
-        sources = [src for _, src in located]
-        # HDF5 cannot fail a write cleanly (it may crash the process), so check for room first
-        needed = _estimated_size(len(sources), _feature_dim(sources), np.dtype(self.dtype).itemsize, new)
-        if needed > _writable_bytes(self.out.parent):
-            raise self._io_error(OSError(f"about {needed / 1e6:.1f} MB needed, not that much room"), self.out)
         try:
-            with _atomic_h5(self.out) as f:
-                self._write_file(f, new, sources, attrs)
-        except (OSError, RuntimeError) as exc:
+            write_feature_file(self.out, new, [src for _, src in located], attrs, self.dtype)
+        except OSError as exc:
             raise self._io_error(exc, self.out) from None
         shutil.rmtree(self.parts_dir, ignore_errors=True)
         return True
@@ -379,35 +394,95 @@ class ExtractionCache:
                 and old.split.tolist() == new["split"].tolist() and old.classes == new["classes"]
                 and old.failed_paths == new["failed_paths"] and old.failed_errors == new["failed_errors"])
 
-    def _write_file(self, f: h5py.File, new: dict, sources: list[tuple[Path, int]], attrs: dict) -> None:
-        n, dim = len(sources), _feature_dim(sources)
-        features = f.create_dataset("features", shape=(n, dim), dtype=self.dtype,
-                                    chunks=(min(n, 256), dim) if n else None)
-        for start in range(0, n, _MERGE_ROWS):
-            chunk = sources[start:start + _MERGE_ROWS]
-            block = np.empty((len(chunk), dim), dtype=self.dtype)
-            by_file: dict[Path, list[tuple[int, int]]] = {}
-            for pos, (file, row) in enumerate(chunk):
-                by_file.setdefault(file, []).append((row, pos))
-            for file, pairs in by_file.items():
-                pairs.sort()
-                src_rows = np.array([r for r, _ in pairs])
-                with h5py.File(file, "r") as src:
-                    lo, hi = src_rows[0], src_rows[-1] + 1
-                    block[[p for _, p in pairs]] = src["features"][lo:hi][src_rows - lo]
-            features[start:start + len(chunk)] = block
-        f.create_dataset("labels", data=np.asarray(new["labels"], dtype=np.int64))
-        _write_strings(f, "paths", new["paths"])
-        _write_strings(f, "split", new["split"])
-        f.create_dataset("file_size", data=np.asarray(new["size"], dtype=np.int64))
-        f.create_dataset("file_mtime_ns", data=np.asarray(new["mtime_ns"], dtype=np.int64))
-        _write_failed(f.create_group("failed"), new["failed_paths"], new["failed_errors"])
-        f.attrs["schema_version"] = SCHEMA_VERSION
-        f.attrs["feature_dim"] = dim
-        for key, value in attrs.items():
-            f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+
+def write_feature_file(target: Path, new: dict, sources: list[tuple[Path, int]], attrs: dict, dtype: str) -> None:
+    """Write a feature file atomically: metadata from ``new`` (paths, size, mtime_ns, labels,
+    split, failed_paths, failed_errors), feature rows copied from ``sources`` ((file, row)
+    per output row) a block at a time. Any failure is an OSError and leaves ``target`` as
+    it was; HDF5 cannot fail a write cleanly (it may crash the process), so room is checked
+    first."""
+    n, dim = len(sources), _feature_dim(sources)
+    needed = _estimated_size(n, dim, np.dtype(dtype).itemsize, new)
+    if needed > _writable_bytes(target.parent):
+        raise OSError(f"about {needed / 1e6:.1f} MB needed, not that much room")
+    try:
+        with _atomic_h5(target) as f:
+            _write_rows(f, new, sources, attrs, dtype, n, dim)
+    except RuntimeError as exc:  # h5py reports some I/O failures this way
+        raise OSError(str(exc)) from None
+
+
+def _write_rows(f: h5py.File, new: dict, sources, attrs: dict, dtype: str, n: int, dim: int) -> None:
+    """The body of :func:`write_feature_file`, into an open file."""
+    features = f.create_dataset("features", shape=(n, dim), dtype=dtype,
+                                chunks=(min(n, 256), dim) if n else None)
+    for start in range(0, n, _MERGE_ROWS):
+        chunk = sources[start:start + _MERGE_ROWS]
+        block = np.empty((len(chunk), dim), dtype=dtype)
+        by_file: dict[Path, list[tuple[int, int]]] = {}
+        for pos, (file, row) in enumerate(chunk):
+            by_file.setdefault(file, []).append((row, pos))
+        for file, pairs in by_file.items():
+            pairs.sort()
+            src_rows = np.array([r for r, _ in pairs])
+            with h5py.File(file, "r") as src:
+                lo, hi = src_rows[0], src_rows[-1] + 1
+                block[[p for _, p in pairs]] = src["features"][lo:hi][src_rows - lo]
+        features[start:start + len(chunk)] = block
+    f.create_dataset("labels", data=np.asarray(new["labels"], dtype=np.int64))
+    _write_strings(f, "paths", new["paths"])
+    _write_strings(f, "split", new["split"])
+    f.create_dataset("file_size", data=np.asarray(new["size"], dtype=np.int64))
+    f.create_dataset("file_mtime_ns", data=np.asarray(new["mtime_ns"], dtype=np.int64))
+    _write_failed(f.create_group("failed"), new["failed_paths"], new["failed_errors"])
+    f.attrs["schema_version"] = SCHEMA_VERSION
+    f.attrs["feature_dim"] = dim
+    for key, value in attrs.items():
+        f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
 
 
 def is_feature_file(path) -> bool:
     """True when ``path`` is an HDF5 file (whether or not a valid pipe one)."""
     return h5py.is_hdf5(path)
+
+
+_SHARD_INVARIANTS = ("fingerprint", "classes", "split_seed", "split_fractions", "given_splits", "dtype")
+
+
+def merge_feature_files(inputs, out, overwrite: bool = False) -> FeatureSet:
+    """Merge shard files (``pipe extract --shard I/N``) into one feature file whose rows are
+    ordered by path, exactly as a single run over the whole folder would write them.
+
+    Shards must come from the same settings (fingerprint, classes, split); an image in two
+    shards, or an existing ``out`` without ``overwrite``, is an error.
+    """
+    out = Path(out)
+    shards = [read_features(p, with_features=False) for p in inputs]
+    if not shards:
+        raise PipeError("pipe merge needs at least one shard file")
+    first = shards[0]
+    for shard in shards[1:]:
+        for key in _SHARD_INVARIANTS:
+            if shard.attrs.get(key) != first.attrs.get(key):
+                raise PipeError(f"cannot merge {shard.path} with {first.path}: their {key} differ "
+                                f"({shard.attrs.get(key)} vs {first.attrs.get(key)})")
+    if out.exists() and not overwrite and out.resolve() not in {s.path.resolve() for s in shards}:
+        raise PipeError(f"{out} exists; pass --overwrite to replace it")
+    rows = sorted((path, i, row) for i, s in enumerate(shards) for row, path in enumerate(s.paths.tolist()))
+    for (a, i, _), (b, j, _) in zip(rows, rows[1:]):
+        if a == b:
+            raise PipeError(f"{a} is in both {shards[i].path} and {shards[j].path}: shards must not overlap")
+    pick = lambda field: np.array([getattr(shards[i], field)[row] for _, i, row in rows])  # noqa: E731
+    failed = sorted((p, e) for s in shards for p, e in zip(s.failed_paths, s.failed_errors))
+    new = {"paths": [p for p, _, _ in rows], "size": pick("size"), "mtime_ns": pick("mtime_ns"),
+           "labels": pick("labels"), "split": pick("split").astype(str),
+           "failed_paths": [p for p, _ in failed], "failed_errors": [e for _, e in failed]}
+    attrs = {k: v for k, v in first.attrs.items() if k not in ("schema_version", "feature_dim", "shard")}
+    fd = lock_output(out)
+    try:
+        write_feature_file(out, new, [(shards[i].path, row) for _, i, row in rows], attrs, first.attrs["dtype"])
+    except OSError as exc:
+        raise PipeError(f"cannot write {out} ({exc}); the shard files are untouched") from None
+    finally:
+        os.close(fd)
+    return read_features(out, with_features=False)

@@ -190,7 +190,7 @@ def test_second_writer_fails_at_once_and_first_is_unaffected(tmp_path):
         fcntl.flock(lock, fcntl.LOCK_EX)
         started = time.monotonic()
         result = run_pipe(*extract_args(data, out))
-        assert result.returncode == 2 and "another pipe extract is writing" in result.stderr
+        assert result.returncode == 2 and "another pipe process is writing" in result.stderr
         assert time.monotonic() - started < 30
     assert not out.exists()
     assert run_pipe(*extract_args(data, out)).returncode == 0
