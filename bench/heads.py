@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,7 +39,7 @@ def synthetic_features(n_rows, n_dims, n_classes, seed=0):
     means = rng.standard_normal((n_classes, rank)).astype(np.float32) @ basis
     mixing = rng.standard_normal((4 * rank, n_dims)).astype(np.float32) / np.sqrt(4 * rank)
     y = rng.integers(0, n_classes, n_rows)
-    X = 0.7 * means[y]
+    X = 0.12 * means[y]
     X += rng.standard_normal((n_rows, 4 * rank), dtype=np.float32) @ mixing
     X += 0.5 * rng.standard_normal((n_rows, n_dims), dtype=np.float32)
     np.maximum(X, 0, out=X)
@@ -83,6 +84,7 @@ def time_trainer(make, splits):
 
 def compare(name, splits):
     """Run every trainer on one feature set; returns ``{trainer: figures}`` plus ratios."""
+    load_before = os.getloadavg()[0]
     results = {label: time_trainer(make, splits) for label, make in TRAINERS.items()}
     pipe, sk = results.values()
     results["ratios"] = {
@@ -90,12 +92,15 @@ def compare(name, splits):
         "sklearn_over_pipe_single_time": sk["single_fit_seconds"] / pipe["single_fit_seconds"],
         "accuracy_diff_pp": 100 * (pipe["test_accuracy"] - sk["test_accuracy"]),
     }
-    return {"features": name, "shape": list(splits["train"][0].shape), "results": results}
+    # other work on the machine skews both timings; the load average shows how much
+    load = [load_before, os.getloadavg()[0]]
+    return {"features": name, "shape": list(splits["train"][0].shape), "load_average": load, "results": results}
 
 
 def format_table(run):
     """A text table of one :func:`compare` result."""
-    rows = [f"== {run['features']}  train {run['shape'][0]} x {run['shape'][1]}",
+    rows = [f"== {run['features']}  train {run['shape'][0]} x {run['shape'][1]}  "
+            f"(1-min load average {run['load_average'][0]:.1f} -> {run['load_average'][1]:.1f})",
             f"{'method':40s} {'sweep+refit s':>14s} {'single fit s':>13s} {'strength':>10s} {'test acc':>9s} converged"]
     for label, r in run["results"].items():
         if label != "ratios":

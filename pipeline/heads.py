@@ -94,8 +94,8 @@ class LinearHead:
         n_rows, n_dims = X.shape
         if n_dims != self.weight.shape[1]:
             raise PipeError(
-                f"features have {n_dims} dimensions but head {self.path or ''} expects "
-                f"{self.weight.shape[1]}; retrain with pipe train-head"
+                f"features have {n_dims} dimensions but head {self.path or '(unsaved)'} "
+                f"expects {self.weight.shape[1]}; retrain with pipe train-head"
             )
         weight_t = np.ascontiguousarray(self.weight.T)
         scores = np.empty((n_rows, len(self.classes)), dtype=np.float32)
@@ -323,7 +323,7 @@ class _SweepProbe:
             raise PipeError(f"classes {unseen.tolist()} appear in val but not in train; add train images")
         train = [("train", X_train, y_train)]
         both = train + [("val", X_val, y_val)]
-        mean, std = _feature_stats(both)
+        mean, std = _feature_stats(both)  # also the finiteness check, so always computed
         self.mean_, self.std_ = (mean, std) if self.standardize else (None, None)
         self.n_train_, self.n_val_ = len(y_train), len(y_val)
         self.grid_ = [float(s) for s in (DEFAULT_GRID if self.grid is None else self.grid)]
@@ -365,7 +365,7 @@ class _SweepProbe:
 
     def _encoded(self, parts):
         """Standardised float32 features and class positions (into ``classes_``) of ``parts``."""
-        X = np.concatenate([_standardize(x[: x.shape[0]], self.mean_, self.std_) for _, x, _ in parts])
+        X = np.concatenate([_standardize(x[:], self.mean_, self.std_) for _, x, _ in parts])
         y = np.searchsorted(self.classes_, np.concatenate([labels for _, _, labels in parts]))
         return X, y
 
@@ -377,24 +377,26 @@ class _SweepProbe:
 
 
 class LinearProbe(_SweepProbe):
-    """Torch linear probe: the whole strength grid is trained at once as one problem.
+    """Torch linear probe: the whole strength grid is trained at once, in one batched computation.
 
-    Full batch (default): the K grid points form one weight tensor (K, D, C) and one
-    L-BFGS run (strong Wolfe line search) minimises the sum of the K independent losses,
-    features moved to ``device`` once; the refit starts from the chosen grid solution.
-    ``max_iter``/``tol`` bound L-BFGS (``tol`` on the largest gradient entry).
+    Full batch (default): features are moved to ``device`` once and the K grid points
+    are trained together by a batched L-BFGS (:func:`_batched_lbfgs`): one (D, K*C)
+    matrix product per evaluation serves every model, while each model keeps its own
+    curvature history and step length and stops on scikit-learn's rule (largest gradient
+    entry <= ``tol``, at most ``max_iter`` iterations). The refit starts from the chosen
+    grid solution.
 
     Mini-batch (``batch_size`` set, or features not an in-memory ndarray such as an
     ``h5py.Dataset``): contiguous row chunks are streamed, the K models trained together
     with Adam (learning rate ``lr``) for up to ``max_epochs``, each kept at its best
     validation epoch (early stopping after ``PATIENCE_EPOCHS`` epochs without any
     improvement); the refit trains from scratch on train + val for the chosen model's
-    best epoch count. Memory is bounded by the chunk size.
+    best epoch count (learned ``best_epochs_``). Memory is bounded by the chunk size.
     """
 
     trainer = "linear"
 
-    def __init__(self, grid=None, balanced=False, seed=0, device="cpu", max_iter=30, tol=1e-4,
+    def __init__(self, grid=None, balanced=False, seed=0, device="cpu", max_iter=100, tol=1e-4,
                  standardize=True, batch_size=None, max_epochs=30, lr=1e-2):
         super().__init__(grid, balanced, seed, max_iter, tol, standardize)
         self.device = device
@@ -407,8 +409,8 @@ class LinearProbe(_SweepProbe):
 
     def _fit_grid(self, parts, val):
         if self._streaming(parts):
-            weights, biases, self._best_epochs = self._adam(parts, self.grid_, self.max_epochs, val)
-            self.n_iter_ = {"sweep_epochs": self._best_epochs.tolist()}
+            weights, biases, self.best_epochs_ = self._adam(parts, self.grid_, self.max_epochs, val)
+            self.n_iter_ = {"sweep_epochs": self.best_epochs_.tolist()}
             self.converged_ = True
             return weights, biases
         X, y = self._encoded(parts)
@@ -419,46 +421,34 @@ class LinearProbe(_SweepProbe):
     def _fit_one(self, parts, index, init):
         strength = [self.grid_[index]]
         if self._streaming(parts):
-            epochs = max(int(self._best_epochs[index]), 1)
+            epochs = max(int(self.best_epochs_[index]), 1)
             weights, biases, _ = self._adam(parts, strength, epochs, val=None)
             self.n_iter_["refit_epochs"] = epochs
         else:
             X, y = self._encoded(parts)
             weights, biases, n_iter = self._lbfgs(X, y, strength, init=(init[0][None], init[1][None]))
-            self.n_iter_["refit"] = n_iter
-            self.converged_ = n_iter < self.max_iter
+            self.n_iter_["refit"] = n_iter[0]
+            self.converged_ = max(self.n_iter_["sweep"] + n_iter) < self.max_iter
         return weights[0], biases[0]
 
     def _lbfgs(self, X, y, strengths, init):
-        """Minimise the K summed losses with full-batch L-BFGS; returns (K, C, D), (K, C), iters."""
+        """Fit one model per strength with batched L-BFGS; returns (K, C, D), (K, C), iterations."""
         device = torch.device(self.device)
         n_classes = len(self.classes_)
         X_t = torch.from_numpy(X).to(device)
         y_t = torch.from_numpy(y).to(device)
         sw = torch.from_numpy(_class_weights(y, n_classes, self.balanced)[y] / len(y)).to(device)
         lam = torch.tensor(strengths, dtype=torch.float32, device=device)
-        n_models, n_dims = len(strengths), X.shape[1]
         if init is None:
-            weight = torch.zeros(n_models, n_dims, n_classes, device=device)
-            bias = torch.zeros(n_models, n_classes, device=device)
-        else:
-            weight = torch.from_numpy(np.ascontiguousarray(init[0].transpose(0, 2, 1))).to(device)
-            bias = torch.from_numpy(np.array(init[1])).to(device)
-        weight.requires_grad_(True)
-        bias.requires_grad_(True)
-        optimizer = torch.optim.LBFGS(
-            [weight, bias], lr=1, max_iter=self.max_iter, tolerance_grad=self.tol,
-            tolerance_change=1e-9, history_size=20, line_search_fn="strong_wolfe",
+            params = torch.zeros(len(strengths), X.shape[1] + 1, n_classes, device=device)
+        else:  # rows 0..D-1 hold W (K, D, C), the last row the bias
+            weight, bias = init
+            params = torch.from_numpy(np.concatenate([weight.transpose(0, 2, 1), bias[:, None]], axis=1)).to(device)
+        params, n_iter = _batched_lbfgs(
+            lambda P, rows: _loss_and_grad(X_t, y_t, sw, P, lam[rows]), params, self.max_iter, self.tol
         )
-
-        def closure():
-            loss, grad_w, grad_b = _summed_loss_and_grad(X_t, y_t, sw, weight.detach(), bias.detach(), lam)
-            weight.grad, bias.grad = grad_w, grad_b
-            return loss
-
-        optimizer.step(closure)
-        n_iter = int(optimizer.state[optimizer._params[0]]["n_iter"])
-        return weight.detach().transpose(1, 2).cpu().numpy(), bias.detach().cpu().numpy(), n_iter
+        params = params.cpu().numpy()
+        return np.ascontiguousarray(params[:, :-1].transpose(0, 2, 1)), params[:, -1], n_iter
 
     def _adam(self, parts, strengths, epochs, val):
         """Mini-batch training of K models over streamed chunks; returns weights, biases, best epochs."""
@@ -503,32 +493,108 @@ class LinearProbe(_SweepProbe):
         return best_w, best_b, best_epoch
 
 
-def _summed_loss_and_grad(X, y, sw, weight, bias, lam):
-    """Sum over K models of mean weighted CE + lam/2 ||W||^2, with analytic gradients.
+def _loss_and_grad(X, y, sw, params, lam):
+    """Loss (k,) float64 and gradient (k, D+1, C) of k models on all rows.
 
-    ``weight`` is (K, D, C), ``bias`` (K, C), ``sw`` per-sample weights summing to 1.
-    Rows are processed in chunks so the (rows, K, C) intermediates stay bounded; all K
-    models share one (D, K*C) matrix product per chunk.
+    Model j has weight ``params[j, :-1]`` (D, C) and bias ``params[j, -1]``; its loss is
+    the ``sw``-weighted sum of cross-entropies (``sw`` sums to 1) plus
+    ``lam[j] / 2 * ||W_j||^2``. Rows are processed in chunks so the (rows, k, C)
+    intermediates stay bounded; all k models share one (D, k*C) product per chunk.
     """
-    n_models, n_dims, n_classes = weight.shape
-    stacked = weight.permute(1, 0, 2).reshape(n_dims, n_models * n_classes)
-    data_loss = torch.zeros(n_models, dtype=torch.float64, device=X.device)
+    n_models, n_rows_w, n_classes = params.shape
+    stacked = params[:, :-1].permute(1, 0, 2).reshape(n_rows_w - 1, n_models * n_classes)
+    bias = params[:, -1]
+    loss = torch.zeros(n_models, dtype=torch.float64, device=X.device)
     grad_stacked = torch.zeros_like(stacked)
-    grad_b = torch.zeros_like(bias)
+    grad_bias = torch.zeros_like(bias)
     for start, stop in _row_chunks(X.shape[0]):
         x, target, w = X[start:stop], y[start:stop], sw[start:stop, None]
+        index = target[:, None, None].expand(-1, n_models, 1)
         log_p = torch.log_softmax((x @ stacked).view(-1, n_models, n_classes) + bias, dim=2)
-        picked = log_p.gather(2, target[:, None, None].expand(-1, n_models, 1)).squeeze(2)
-        data_loss -= (w * picked).sum(0, dtype=torch.float64)
-        residual = log_p.exp_()
-        residual.scatter_add_(2, target[:, None, None].expand(-1, n_models, 1),
-                              torch.full((len(target), n_models, 1), -1.0, device=X.device))
+        loss -= (w * log_p.gather(2, index).squeeze(2)).sum(0, dtype=torch.float64)
+        residual = log_p.exp_()  # softmax - one_hot, weighted: d loss / d logits
+        residual.scatter_add_(2, index, torch.full(index.shape, -1.0, device=X.device))
         residual.mul_(w[:, :, None])
         grad_stacked.addmm_(x.T, residual.view(-1, n_models * n_classes))
-        grad_b += residual.sum(0)
-    grad_w = grad_stacked.view(n_dims, n_models, n_classes).permute(1, 0, 2) + lam[:, None, None] * weight
-    penalty = lam / 2 * weight.square().sum((1, 2))
-    return (data_loss.float() + penalty).sum(), grad_w.contiguous(), grad_b
+        grad_bias += residual.sum(0)
+    weight = params[:, :-1]
+    loss += (lam / 2 * weight.square().sum((1, 2))).double()
+    grad_weight = grad_stacked.view(-1, n_models, n_classes).permute(1, 0, 2) + lam[:, None, None] * weight
+    return loss, torch.cat([grad_weight, grad_bias[:, None]], dim=1)
+
+
+def _batched_lbfgs(objective, params, max_iter, tol, history=10, max_backtracks=20):
+    """Minimise K independent smooth functions at once with L-BFGS.
+
+    ``objective(P, rows)`` returns the losses (k,) and gradients of the models ``rows``
+    at parameters ``P`` (k, ...). Every model keeps its own curvature pairs and step
+    length (Armijo backtracking with quadratic interpolation) and stops, like
+    scipy/scikit-learn, when its largest gradient entry is at most ``tol``; stopped
+    models leave the batch, so later evaluations only pay for those still running.
+    Returns the parameters and the iterations each model took.
+    """
+    n_models = params.shape[0]
+    every = torch.arange(n_models)
+    loss, grad = objective(params, every)
+    pairs = []  # (s, y, 1 / s.y) per iteration; rho = 0 marks a skipped pair
+    scale = None  # initial inverse Hessian s.y / y.y, per model
+    n_iter = torch.zeros(n_models, dtype=torch.int64)
+    done = torch.zeros(n_models, dtype=torch.bool)
+
+    def dot(a, b):
+        return (a * b).flatten(1).sum(1, dtype=torch.float64)
+
+    def scaled(factor, t):  # each model's slice of t times its factor
+        return factor.view(-1, *[1] * (t.dim() - 1)).float() * t
+
+    for _ in range(max_iter):
+        done |= grad.flatten(1).abs().amax(1) <= tol
+        rows = every[~done]
+        if len(rows) == 0:
+            break
+        g = grad[rows]
+        q, alphas = g.clone(), []
+        for s, y, rho in reversed(pairs):
+            alpha = rho[rows] * dot(s[rows], q)
+            q -= scaled(alpha, y[rows])
+            alphas.append(alpha)
+        first = (1.0 / g.flatten(1).norm(dim=1).double()) if scale is None else scale[rows]
+        q = scaled(first, q)
+        for (s, y, rho), alpha in zip(pairs, reversed(alphas)):
+            beta = rho[rows] * dot(y[rows], q)
+            q += scaled(alpha - beta, s[rows])
+        direction = -q
+        slope = dot(g, direction)
+        step = torch.ones(len(rows), dtype=torch.float64)
+        new_loss, new_grad = objective(params[rows] + direction, rows)
+        pending = torch.ones(len(rows), dtype=torch.bool)
+        for _ in range(max_backtracks):
+            pending = ~(new_loss <= loss[rows] + 1e-4 * step * slope)  # NaN counts as failure
+            if not pending.any():
+                break
+            # minimiser of the quadratic through loss, slope and the failed trial
+            curvature = 2 * (new_loss - loss[rows] - step * slope) / step.square()
+            guess = torch.where(curvature > 0, -slope / curvature, 0.5 * step)
+            step = torch.where(pending, torch.clamp(guess, 0.1 * step, 0.5 * step), step)
+            retry = pending.nonzero().squeeze(1)
+            trial = params[rows[retry]] + scaled(step[retry], direction[retry])
+            new_loss[retry], new_grad[retry] = objective(trial, rows[retry])
+        done[rows[pending]] = True  # no decrease along a descent direction: at float precision
+        ok = rows[~pending]
+        s = torch.zeros_like(params)
+        y = torch.zeros_like(params)
+        s[ok] = scaled(step[~pending], direction[~pending])
+        y[ok] = new_grad[~pending] - grad[ok]
+        params[ok] += s[ok]
+        loss[ok], grad[ok] = new_loss[~pending], new_grad[~pending]
+        n_iter[ok] += 1
+        sy, yy = dot(s, y), dot(y, y)
+        curved = sy > 1e-10 * yy.sqrt() * dot(s, s).sqrt()
+        pairs = (pairs + [(s, y, torch.where(curved, 1.0 / sy, 0.0))])[-history:]
+        fresh = torch.where(curved, sy / yy.clamp_min(1e-30), 0.0)
+        scale = fresh if scale is None else torch.where(curved, fresh, scale)
+        scale = torch.where(scale > 0, scale, 1.0 / grad.flatten(1).norm(dim=1).double().clamp_min(1e-30))
+    return params, n_iter.tolist()
 
 
 class SklearnProbe(_SweepProbe):

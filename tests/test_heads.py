@@ -1,0 +1,195 @@
+"""Behaviour of the head file and the two trainers that users rely on."""
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import PipeError
+from pipeline.heads import LinearHead, LinearProbe, SklearnProbe, make_probe
+
+GRID = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+
+
+def blobs(n, n_dims=16, n_classes=3, spread=1.0, seed=0, weights=None):
+    """Gaussian classes around random means; larger ``spread`` = more overlap."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(0, 3, (n_classes, n_dims))
+    y = rng.choice(n_classes, n, p=weights)
+    X = means[y] + spread * rng.normal(size=(n, n_dims))
+    return X.astype(np.float32), y
+
+
+def as_head(probe):
+    return probe.to_head([str(c) for c in range(probe.classes_.max() + 1)], "fp", {})
+
+
+def accuracy(probe, X, y):
+    return float((as_head(probe).predict(X) == y).mean())
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    X, y = blobs(600, spread=2.0)
+    probe = LinearProbe(grid=GRID).fit(X[:400], y[:400], X[400:500], y[400:500])
+    return probe, X[500:], y[500:]
+
+
+def head_of(probe):
+    return probe.to_head(["cat", "dog", "fox"], "fp-train", {"model": "toy", "feature_dim": 16})
+
+
+def test_head_round_trip_keeps_predictions_and_loads_without_pickle(fitted, tmp_path):
+    probe, X_test, _ = fitted
+    head = head_of(probe)
+    path = tmp_path / "head.pt"
+    head.save(path)
+    loaded = LinearHead.load(path)
+    np.testing.assert_array_equal(loaded.predict(X_test), head.predict(X_test))
+    np.testing.assert_allclose(loaded.predict_proba(X_test), head.predict_proba(X_test))
+    assert loaded.classes == ["cat", "dog", "fox"] and loaded.training["strength"] == probe.best_strength_
+    raw = torch.load(path, weights_only=True, map_location="cpu")
+    assert raw["format"] == "pipe-head" and raw["version"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["head.pt"]  # no temporary file left
+
+
+def test_predict_proba_is_a_distribution(fitted):
+    probe, X_test, _ = fitted
+    proba = head_of(probe).predict_proba(X_test)
+    np.testing.assert_allclose(proba.sum(axis=1), 1, rtol=1e-5)
+    assert head_of(probe).predict(X_test).dtype == np.int64
+
+
+@pytest.mark.parametrize("content", ["random", "not_a_head", "old_version", "missing"])
+def test_load_rejects_what_is_not_a_head(tmp_path, content):
+    path = tmp_path / "head.pt"
+    if content == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(1000))
+    elif content == "not_a_head":
+        torch.save({"state_dict": torch.zeros(3)}, path)
+    elif content == "old_version":
+        torch.save({"format": "pipe-head", "version": 99}, path)
+    with pytest.raises(PipeError, match="head.pt"):
+        LinearHead.load(path)
+
+
+def test_load_rejects_a_truncated_head(fitted, tmp_path):
+    path = tmp_path / "head.pt"
+    head_of(fitted[0]).save(path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(PipeError, match="head.pt"):
+        LinearHead.load(path)
+
+
+def test_fingerprint_mismatch_names_both(fitted, tmp_path):
+    head = head_of(fitted[0])
+    head.save(tmp_path / "head.pt")
+    head.check_fingerprint("fp-train")
+    with pytest.raises(PipeError) as error:
+        head.check_fingerprint("fp-other", "features.h5")
+    assert all(s in str(error.value) for s in ("fp-train", "fp-other", "features.h5", "head.pt"))
+
+
+def test_linear_and_sklearn_agree_on_separable_data():
+    X, y = blobs(400, spread=0.5)
+    probes = [cls(grid=GRID).fit(X[:200], y[:200], X[200:300], y[200:300]) for cls in (LinearProbe, SklearnProbe)]
+    assert all(accuracy(p_, X[300:], y[300:]) == 1.0 for p_ in probes)
+    np.testing.assert_array_equal(as_head(probes[0]).predict(X[300:]), as_head(probes[1]).predict(X[300:]))
+
+
+def test_linear_and_sklearn_score_each_strength_alike():
+    X, y = blobs(900, n_classes=4, spread=4.0, seed=1)
+    linear, sk = (cls(grid=GRID, max_iter=500).fit(X[:500], y[:500], X[500:], y[500:])
+                  for cls in (LinearProbe, SklearnProbe))
+    for (s_lin, a_lin), (s_sk, a_sk) in zip(linear.grid_scores_, sk.grid_scores_):
+        assert s_lin == s_sk and abs(a_lin - a_sk) <= 0.01
+    assert abs(np.log10(linear.best_strength_ / sk.best_strength_)) <= 1
+    np.testing.assert_allclose(linear.weight_, sk.weight_, atol=0.02)
+
+
+def test_sweep_trains_one_model_per_strength_and_strong_penalty_hurts():
+    # the label is in x0 - x1; each alone is dominated by a shared noise a strong
+    # penalty cannot cancel, since it shrinks w toward the class-mean difference
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 600)
+    shared = rng.normal(0, 5, 600)
+    X = np.stack([y + shared + 0.1 * rng.normal(size=600), shared], axis=1).astype(np.float32)
+    probe = LinearProbe(grid=[1e-5, 1e-3, 10.0]).fit(X[:400], y[:400], X[400:], y[400:])
+    scores = dict(probe.grid_scores_)
+    assert len(probe.grid_scores_) == 3
+    assert scores[1e-5] > 0.95 and scores[10.0] < 0.8
+    assert probe.best_strength_ < 10.0
+
+
+def test_same_seed_same_model():
+    X, y = blobs(300, spread=2.0)
+    first, second = (LinearProbe(grid=GRID, seed=3).fit(X, y) for _ in range(2))
+    np.testing.assert_array_equal(first.weight_, second.weight_)
+    assert first.grid_scores_ == second.grid_scores_
+
+
+@pytest.mark.parametrize("cls", [LinearProbe, SklearnProbe])
+def test_balanced_weights_raise_minority_recall(cls):
+    X, y = blobs(4000, n_dims=4, n_classes=2, spread=5.0, seed=2, weights=[0.95, 0.05])
+    recalls = []
+    for balanced in (False, True):
+        probe = cls(grid=[1e-3], balanced=balanced).fit(X[:3000], y[:3000])
+        minority = y[3000:] == 1
+        recalls.append(accuracy(probe, X[3000:][minority], y[3000:][minority]))
+    assert recalls[1] > recalls[0] + 0.1
+
+
+def test_mini_batch_over_hdf5_matches_full_batch(tmp_path):
+    X, y = blobs(1500, spread=2.5, seed=4)
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f["train"], f["val"] = X[:1000], X[1000:1200]
+    grid = [1e-3, 1e-1]
+    full = LinearProbe(grid=grid).fit(X[:1000], y[:1000], X[1000:1200], y[1000:1200])
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        streamed = LinearProbe(grid=grid, batch_size=256, max_epochs=10).fit(f["train"], y[:1000], f["val"], y[1000:1200])
+    assert accuracy(streamed, X[1200:], y[1200:]) >= accuracy(full, X[1200:], y[1200:]) - 0.02
+
+
+def test_mini_batch_holds_out_validation_from_an_hdf5_dataset(tmp_path):
+    X, y = blobs(500, spread=1.0)
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f["features"] = X
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        probe = LinearProbe(grid=[1e-3]).fit(f["features"], y)
+    assert probe.n_train_ == 400 and probe.n_val_ == 100 and accuracy(probe, X, y) > 0.95
+
+
+def test_classes_missing_from_train_are_never_predicted():
+    X, y = blobs(300)
+    head = LinearProbe(grid=[1e-3]).fit(X, y).to_head(["a", "b", "c", "d"], "fp", {})
+    assert head.weight.shape == (4, 16) and head.predict_proba(X)[:, 3].max() == 0
+
+
+@pytest.mark.parametrize("cls", [LinearProbe, SklearnProbe])
+@pytest.mark.parametrize("case, message", [
+    ("one_class", "at least 2 classes"),
+    ("empty", "empty"),
+    ("length", "labels"),
+    ("nan", "NaN"),
+])
+def test_bad_training_input_is_a_pipe_error(cls, case, message):
+    X, y = blobs(50)
+    if case == "one_class":
+        y = np.zeros_like(y)
+    elif case == "empty":
+        X, y = X[:0], y[:0]
+    elif case == "length":
+        y = y[:-1]
+    else:
+        X[3, 2] = np.nan
+    with pytest.raises(PipeError, match=message):
+        cls(grid=[1e-3]).fit(X, y)
+
+
+def test_make_probe_builds_by_name_and_rejects_unknown():
+    assert isinstance(make_probe("linear", batch_size=64), LinearProbe)
+    assert isinstance(make_probe("sklearn", balanced=True), SklearnProbe)
+    with pytest.raises(PipeError, match="unknown head trainer"):
+        make_probe("svm")
+    with pytest.raises(PipeError, match="batch_size"):
+        make_probe("sklearn", batch_size=64)
