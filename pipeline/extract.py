@@ -96,6 +96,9 @@ def extract_features(
     checkpoint_every: int = 1024,
     progress: bool = True,
     shard: tuple[int, int] | None = None,
+    layer: str | None = None,
+    pool: str | None = None,
+    tta: str | None = None,
 ) -> ExtractSummary:
     """Extract features for every image under ``data_root`` into ``out`` (HDF5).
 
@@ -110,7 +113,7 @@ def extract_features(
     _check_options(dtype, batch_size, checkpoint_every)
     started = time.perf_counter()
     manifest = scan_image_folder(data_root, split_fractions, seed)
-    spec = resolve_backbone(model, weights, image_size, dtype)
+    spec = resolve_backbone(model, weights, image_size, dtype, layer=layer, pool=pool, tta=tta)
     selected = np.arange(len(manifest)) if shard is None else _shard_rows(len(manifest), *shard)
     rows = Rows([display_path(manifest.paths[i]) for i in selected], manifest.size[selected],
                 manifest.mtime_ns[selected], [manifest.paths[i] for i in selected])

