@@ -52,6 +52,7 @@ class BackboneSpec:
     layer: str | None = None
     pool: str | None = None
     tta: str | None = None
+    full_decode: bool = False  # JPEGs decoded at full size instead of a reduced DCT scale
 
     @property
     def identity(self) -> dict:
@@ -62,6 +63,8 @@ class BackboneSpec:
             identity["layer"] = self.layer
         if self.tta:
             identity["tta"] = self.tta
+        if self.full_decode:
+            identity["decode"] = "full"
         return identity
 
     @property
@@ -332,7 +335,7 @@ def _feature_module(spec: BackboneSpec, device=None) -> _Features:
 
 def resolve_backbone(name: str, weights: str = "DEFAULT", image_size: int | None = None,
                      dtype: str = "float16", layer: str | None = None, pool: str | None = None,
-                     tta: str | None = None) -> BackboneSpec:
+                     tta: str | None = None, full_decode: bool = False) -> BackboneSpec:
     """Check ``name`` and ``weights`` (DEFAULT, an enum name, ``none`` or a state_dict path)
     and describe the backbone without loading it. ``image_size`` overrides the crop size of
     the eval transform; ``dtype`` is the storage dtype, part of the fingerprint.
@@ -340,7 +343,8 @@ def resolve_backbone(name: str, weights: str = "DEFAULT", image_size: int | None
     ``layer`` takes features from an intermediate layer (a torchvision graph node or module, a timm
     feature module, by name or index), globally pooled; ``pool`` picks the pooling
     (avg/max for feature maps, cls/mean-tokens for transformers); ``tta='hflip'`` averages an
-    image's features with its mirror's. These are validated on a weightless (meta) copy of
+    image's features with its mirror's; ``full_decode`` turns off reduced-scale JPEG decoding
+    (see :func:`pipeline.data.open_rgb`). These are validated on a weightless (meta) copy of
     the network, and a pool equal to the default is dropped so it does not change the fingerprint.
     """
     weights = weights.strip()
@@ -360,7 +364,8 @@ def resolve_backbone(name: str, weights: str = "DEFAULT", image_size: int | None
         if transform.crop != fixed:
             raise PipeError(f"{name} with weights {weights} takes {fixed}x{fixed} images; drop --image-size "
                             f"{transform.crop} (or use --weights none)")
-    spec = BackboneSpec(name, weights, _weights_id(name, weights), transform, dtype, layer or None, pool, tta)
+    spec = BackboneSpec(name, weights, _weights_id(name, weights), transform, dtype, layer or None, pool, tta,
+                        full_decode)
     if spec.layer or spec.pool:
         checked = _feature_module(spec, device="meta")  # validates layer and pool, cheaply
         spec = dataclasses.replace(spec, layer=checked.layer or spec.layer,

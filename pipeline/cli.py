@@ -108,6 +108,8 @@ def main(ctx, quiet, debug):
 @click.option("--strict", is_flag=True, help="Fail if any image cannot be read.")
 @click.option("--checkpoint-every", default=1024, show_default=True, type=int,
               help="Commit progress every N images (resume point after a crash).")
+@click.option("--full-decode", is_flag=True,
+              help="Decode JPEGs at full size (default: reduced DCT scale when much larger than the input).")
 @click.option("--shard", default=None, type=Shard(),
               help="Extract only shard I of N into --out (combine shards with `pipe merge`).")
 @click.option("--layer", default=None,

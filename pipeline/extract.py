@@ -99,6 +99,7 @@ def extract_features(
     layer: str | None = None,
     pool: str | None = None,
     tta: str | None = None,
+    full_decode: bool = False,
 ) -> ExtractSummary:
     """Extract features for every image under ``data_root`` into ``out`` (HDF5).
 
@@ -113,7 +114,8 @@ def extract_features(
     _check_options(dtype, batch_size, checkpoint_every)
     started = time.perf_counter()
     manifest = scan_image_folder(data_root, split_fractions, seed)
-    spec = resolve_backbone(model, weights, image_size, dtype, layer=layer, pool=pool, tta=tta)
+    spec = resolve_backbone(model, weights, image_size, dtype, layer=layer, pool=pool, tta=tta,
+                            full_decode=full_decode)
     selected = np.arange(len(manifest)) if shard is None else _shard_rows(len(manifest), *shard)
     rows = Rows([display_path(manifest.paths[i]) for i in selected], manifest.size[selected],
                 manifest.mtime_ns[selected], [manifest.paths[i] for i in selected])
@@ -202,7 +204,8 @@ def _run(backbone: Backbone, device: torch.device, root, todo: list[int], rows: 
          batch_size: int, workers: int, checkpoint_every: int, progress: bool) -> list[tuple[str, str]]:
     """The extraction loop over manifest rows ``todo``: decode in DataLoader workers, forward
     on ``device``, commit a part every ``checkpoint_every`` images. Returns the failures."""
-    dataset = ImageFiles(root, [rows.source_paths[i] for i in todo], backbone.spec.transform)
+    dataset = ImageFiles(root, [rows.source_paths[i] for i in todo], backbone.spec.transform,
+                         draft=not backbone.spec.full_decode)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None)

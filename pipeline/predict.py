@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,10 +43,11 @@ def expand_inputs(inputs) -> list[Path]:
 def backbone_for_head(head: LinearHead):
     """Rebuild the backbone a head's features came from, and check it still makes the same
     features (e.g. that a weights file was not replaced since extraction)."""
-    source = head.source
-    spec = resolve_backbone(source["model"], source["weights"], dtype=source["identity"]["dtype"])
-    spec = type(spec)(spec.name, spec.weights, spec.weights_id, EvalTransform.from_dict(source["transform"]),
-                      spec.dtype)
+    source, identity = head.source, head.source["identity"]
+    spec = resolve_backbone(source["model"], source["weights"], dtype=identity["dtype"], layer=identity.get("layer"),
+                            pool=None if identity["pool"] == "default" else identity["pool"],
+                            tta=identity.get("tta"), full_decode=identity.get("decode") == "full")
+    spec = dataclasses.replace(spec, transform=EvalTransform.from_dict(source["transform"]))
     if spec.fingerprint != head.fingerprint:
         raise PipeError(f"the backbone {spec.name} with weights {spec.weights} now gives features "
                         f"{spec.fingerprint}, but the head was trained on {head.fingerprint}; "
@@ -59,7 +61,8 @@ def predict_images(head: LinearHead, inputs, topk: int = 5, device: str = "auto"
     files = expand_inputs(inputs)
     backbone = backbone_for_head(head)
     run = FeatureExtractor(backbone, resolve_device(device))
-    dataset = ImageFiles(Path("."), [str(p) for p in files], backbone.spec.transform)
+    dataset = ImageFiles(Path("."), [str(p) for p in files], backbone.spec.transform,
+                         draft=not backbone.spec.full_decode)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     k = min(topk, len(head.classes))
     storage = np.dtype(backbone.spec.dtype)
