@@ -1,6 +1,6 @@
 """Extraction speed, side by side in one run: the model's ceiling, a hand-written peer, pipe.
 
-    python bench/extract.py                      # both models, ~100 photos, then the quality checks
+    python bench/extract.py                      # both models, 192 photos, then the quality checks
     python bench/extract.py --models resnet50 --images 64 --skip-quality
 
 On the same folder of JPEG photos (250 to 2,600 px wide, made from scikit-image and
@@ -213,7 +213,7 @@ def memory() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="efficientnet_lite0,resnet50")
-    parser.add_argument("--images", type=int, default=96)
+    parser.add_argument("--images", type=int, default=192)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--probe-per-class", type=int, default=30)

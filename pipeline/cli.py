@@ -70,8 +70,11 @@ class PipeGroup(click.Group):
 def _load_config(ctx: click.Context, param, value):
     """Eager ``--config``: its table becomes the command's defaults (options still win)."""
     if value:
-        known = {p.name for p in ctx.command.params if p.name != "config"}
-        ctx.default_map = {**(ctx.default_map or {}), **command_defaults(value, ctx.command.name, known)}
+        options = {}  # preset key (long option without dashes, or argument name) -> parameter name
+        for p in ctx.command.params:
+            flags = [flag[2:] for flag in p.opts if flag.startswith("--")]
+            options.update({key: p.name for key in flags or [p.name] if key != "config"})
+        ctx.default_map = {**(ctx.default_map or {}), **command_defaults(value, ctx.command.name, options)}
     return value
 
 

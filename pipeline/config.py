@@ -23,13 +23,14 @@ def read_config(path) -> dict[str, dict]:
     return data
 
 
-def command_defaults(path, command: str, known: set[str]) -> dict:
-    """The options of ``command``'s table (dashes or underscores), checked against ``known``
-    parameter names: an unknown option is an error, not silently ignored."""
+def command_defaults(path, command: str, options: dict[str, str]) -> dict:
+    """The settings of ``command``'s table, keyed by parameter name. ``options`` maps each
+    accepted key (a long option name without dashes, e.g. ``batch-size``) to its parameter
+    name; keys may use dashes or underscores, and an unknown key is an error, not ignored."""
     table = read_config(path).get(command, {})
-    options = {key.replace("-", "_"): value for key, value in table.items()}
-    unknown = sorted(set(options) - known)
+    accepted = {key.replace("-", "_"): name for key, name in options.items()}
+    unknown = sorted(k for k in table if k.replace("-", "_") not in accepted)
     if unknown:
         raise PipeError(f"config {path}: [{command}] has unknown option(s) {', '.join(unknown)}; "
-                        f"known: {', '.join(sorted(known))}")
-    return options
+                        f"known: {', '.join(sorted(options))}")
+    return {accepted[key.replace("-", "_")]: value for key, value in table.items()}

@@ -54,19 +54,16 @@ def _balanced_indices(labels: np.ndarray, per_class: int, rng: np.random.Generat
     return np.sort(np.concatenate(chosen))
 
 
-def write_image_folder(out, splits: dict[str, tuple[np.ndarray, np.ndarray]], classes, size: int | None = None) -> int:
+def write_image_folder(out, splits: dict[str, tuple[np.ndarray, np.ndarray]], classes) -> int:
     """Write ``{split: (images, labels)}`` as ``out/<split>/<class>/<n>.png``; returns the
-    number of images written. ``size`` upscales (nearest) small images, e.g. 8x8 digits."""
+    number of images written."""
     out = Path(out)
     count = 0
     for split, (images, labels) in splits.items():
         for n, (image, label) in enumerate(zip(images, labels)):
             folder = out / split / classes[int(label)]
             folder.mkdir(parents=True, exist_ok=True)
-            picture = Image.fromarray(image)
-            if size:
-                picture = picture.resize((size, size), Image.Resampling.NEAREST)
-            picture.save(folder / f"{n:06d}.png")
+            Image.fromarray(image).save(folder / f"{n:06d}.png")
             count += 1
     return count
 
@@ -84,12 +81,21 @@ def make_fashion_mnist(out, train_per_class: int = 100, test_per_class: int = 50
     return source
 
 
+def render_digit(digit: np.ndarray, size: int) -> np.ndarray:
+    """An 8x8 digit (0-16 ink levels) as a ``size`` px picture: dark ink on white paper (as
+    scikit-learn's own examples draw them), a two-pixel margin (the digits touch the edges of
+    their 8x8 box), upscaled smoothly (bicubic) rather than as blocks."""
+    paper = np.full((12, 12), 255, dtype=np.uint8)
+    paper[2:10, 2:10] = (255 - digit * (255 / 16)).round().astype(np.uint8)
+    return np.asarray(Image.fromarray(paper).resize((size, size), Image.Resampling.BICUBIC))
+
+
 def make_digits(out, train_per_class: int = 50, test_per_class: int = 30, size: int = 64, seed: int = 0) -> str:
-    """scikit-learn's 8x8 digits (0-16 grey levels) upscaled to ``size`` px, train/ and test/."""
+    """scikit-learn's 8x8 digits rendered at ``size`` px (:func:`render_digit`), train/ and test/."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    images = (digits.images * (255 / 16)).round().astype(np.uint8)
+    images = np.stack([render_digit(d, size) for d in digits.images])
     rng = np.random.default_rng(seed)
     picked = _balanced_indices(digits.target, train_per_class + test_per_class, rng)
     rng.shuffle(picked)
@@ -100,7 +106,7 @@ def make_digits(out, train_per_class: int = 50, test_per_class: int = 30, size: 
         test.extend(idx[train_per_class:])
     classes = [str(c) for c in range(10)]
     write_image_folder(out, {"train": (images[train], digits.target[train]),
-                             "test": (images[test], digits.target[test])}, classes, size)
+                             "test": (images[test], digits.target[test])}, classes)
     return "sklearn.datasets.load_digits"
 
 

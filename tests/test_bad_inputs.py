@@ -6,8 +6,6 @@ from __future__ import annotations
 import io
 import os
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 

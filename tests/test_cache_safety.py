@@ -7,7 +7,6 @@ SIGKILL hits the process exactly as a user's would.
 from __future__ import annotations
 
 import fcntl
-import os
 import signal
 import subprocess
 import sys

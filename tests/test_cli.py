@@ -323,9 +323,6 @@ def test_config_preset_applies_to_train_head(ws, run_cli, tmp_path):
     assert len(result.stdout.splitlines()) == 4  # header, 2 grid rows, summary
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG: config keys are matched to Python parameter names, so "
-                   "[train-head] head = ... and [evaluate] json = ... (option names, used by the "
-                   "shipped presets) are rejected as unknown")
 @pytest.mark.parametrize("command, key, value", [("train-head", "head", '"sklearn"'),
                                                  ("evaluate", "json", '"cfg-metrics.json"')])
 def test_config_keys_are_the_long_option_names(ws, run_cli, tmp_path, monkeypatch, command, key, value):
@@ -341,8 +338,6 @@ def test_config_keys_are_the_long_option_names(ws, run_cli, tmp_path, monkeypatc
         assert Path("cfg-metrics.json").is_file()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG: configs/default.toml and configs/resnet50.toml use "
-                   "`head`/`json` keys that --config rejects (see test_config_keys_are_the_long_option_names)")
 @pytest.mark.parametrize("preset", ["default.toml", "resnet50.toml"])
 def test_shipped_presets_are_accepted_by_every_command(ws, run_cli, tmp_path, monkeypatch, preset):
     monkeypatch.chdir(tmp_path)

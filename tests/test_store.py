@@ -7,7 +7,6 @@ import json
 
 import h5py
 import numpy as np
-import pytest
 
 from conftest import COLOURS, FAST_EXTRACT, assert_clean_error, write_broken_image
 
