@@ -28,6 +28,15 @@ def photo(size=(40, 30), seed=0) -> Image.Image:
     return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
 
 
+def photo_folder(root: Path, classes=("a", "b"), per_class: int = 6) -> Path:
+    """``root/<class>/<i>.png`` random photos, different per class."""
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            photo(seed=i + 100 * classes.index(c)).save(root / c / f"{i}.png")
+    return root
+
+
 def jpeg_bytes(image: Image.Image, **kwargs) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "JPEG", **kwargs)
@@ -204,11 +213,7 @@ def test_bad_model_and_weights(tmp_path):
 
 
 def test_bad_feature_and_head_files(tmp_path):
-    good = tmp_path / "d"
-    for c in ("a", "b"):
-        (good / c).mkdir(parents=True)
-        for i in range(6):
-            photo(seed=i + 10 * len(c) + ord(c)).save(good / c / f"{i}.png")
+    good = photo_folder(tmp_path / "d")
     out = tmp_path / "f.h5"
     extract_features(good, out=out, **TINY)
     truncated = tmp_path / "truncated.h5"
@@ -225,20 +230,14 @@ def test_bad_feature_and_head_files(tmp_path):
 
 
 def test_one_class_and_empty_split(tmp_path):
-    data = tmp_path / "d"
-    (data / "only").mkdir(parents=True)
-    for i in range(6):
-        photo(seed=i).save(data / "only" / f"{i}.png")
+    data = photo_folder(tmp_path / "d", classes=("only",))
     out = tmp_path / "f.h5"
     extract_features(data, out=out, **TINY)
     assert_one_line_error(run_cli("train-head", out, "--out", tmp_path / "h.pt"), "at least 2 classes")
 
     given = tmp_path / "g"
     for split in ("train", "test"):
-        for c in ("a", "b"):
-            (given / split / c).mkdir(parents=True)
-            for i in range(3):
-                photo(seed=i + ord(c)).save(given / split / c / f"{i}.png")
+        photo_folder(given / split, per_class=3)
     out = tmp_path / "g.h5"
     extract_features(given, out=out, **TINY)
     assert run_cli("train-head", out, "--out", tmp_path / "h.pt").exit_code == 0
@@ -247,11 +246,7 @@ def test_one_class_and_empty_split(tmp_path):
 
 
 def test_head_from_other_features_is_refused_naming_both_fingerprints(tmp_path):
-    data = tmp_path / "d"
-    for c in ("a", "b"):
-        (data / c).mkdir(parents=True)
-        for i in range(8):
-            photo(seed=i + ord(c)).save(data / c / f"{i}.png")
+    data = photo_folder(tmp_path / "d", per_class=8)
     first, second = tmp_path / "f32.h5", tmp_path / "f40.h5"
     extract_features(data, out=first, **TINY)
     extract_features(data, out=second, **{**TINY, "image_size": 40})
