@@ -162,6 +162,11 @@ def merge(shards, out, overwrite):
 @click.option("--balanced", is_flag=True, help="Weight classes inversely to their frequency.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (linear head).")
+@click.option("--max-iter", default=None, type=int, help="L-BFGS iterations per fit [default: 100 linear, 1000 sklearn].")
+@click.option("--tol", default=None, type=float, help="Stop when the largest gradient entry is below this [1e-4].")
+@click.option("--batch-size", default=None, type=int,
+              help="Linear head: train on mini-batches streamed from the file (features larger than memory).")
+@click.option("--max-epochs", default=None, type=int, help="Mini-batch path: most epochs (early stopping on val) [30].")
 @config_option
 def train_head(features, out, kind, **params):
     """Train a linear head on cached FEATURES, choosing L2 strength on validation."""

@@ -57,13 +57,18 @@ class FeatureSet:
     def split_counts(self) -> dict[str, int]:
         return {s: int((self.split == s).sum()) for s in ("train", "val", "test")}
 
-    def rows(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """(features, labels) of one split; PipeError if it has no samples."""
-        mask = self.split == split
-        if not mask.any():
+    def row_indices(self, split: str) -> np.ndarray:
+        """Sorted row numbers of one split; PipeError if it has no samples."""
+        rows = np.flatnonzero(self.split == split)
+        if not len(rows):
             counts = ", ".join(f"{k}={v}" for k, v in self.split_counts().items())
             raise PipeError(f"split {split!r} of {self.path} has no samples ({counts})")
-        return self.features[mask], self.labels[mask]
+        return rows
+
+    def rows(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(features, labels) of one split; PipeError if it has no samples."""
+        rows = self.row_indices(split)
+        return self.features[rows], self.labels[rows]
 
 
 def _attr(f: h5py.File, name: str):
@@ -105,6 +110,14 @@ def read_features(path, with_features: bool = True) -> FeatureSet:
     except (OSError, KeyError, ValueError) as exc:
         raise PipeError(f"{path} is not a readable pipe feature file ({type(exc).__name__}: {exc}); "
                         "re-run pipe extract with --overwrite") from None
+
+
+@contextmanager
+def feature_matrix(path):
+    """The ``features`` dataset of a feature file, open for lazy row reads (h5py.Dataset),
+    for heads trained on features larger than memory."""
+    with h5py.File(path, "r") as f:
+        yield f["features"]
 
 
 def _fsync_dir(folder: Path) -> None:

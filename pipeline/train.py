@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 
 from .errors import PipeError
-from .heads import LinearHead, make_probe
-from .store import read_features
+from .heads import LinearHead, RowSubset, make_probe
+from .store import feature_matrix, read_features
 
 
 def feature_source(features) -> dict:
@@ -20,16 +22,25 @@ def train_head(features_path, out="cache/head.pt", kind: str = "linear", **param
     choosing the L2 strength on ``val`` (or a hold-out of train), and save it to ``out``.
 
     ``params`` go to the probe (grid, balanced, seed, device, max_iter, ...). Returns
-    ``(head, probe)``; the probe holds the grid scores and timing.
+    ``(head, probe)``; the probe holds the grid scores and timing. With ``batch_size`` set
+    the linear head trains on mini-batches read from the file as it goes, so the features
+    never need to fit in memory.
     """
-    features = read_features(features_path)
-    X_train, y_train = features.rows("train")
-    present = np.unique(y_train)
+    streamed = params.get("batch_size") is not None
+    features = read_features(features_path, with_features=not streamed)
+    present = np.unique(features.labels[features.row_indices("train")])
     if len(present) < 2:
         raise PipeError(f"train-head needs at least 2 classes in the train split of {features.path}, "
                         f"found {len(present)} ({', '.join(features.classes[i] for i in present)})")
-    X_val, y_val = features.rows("val") if features.split_counts()["val"] else (None, None)
-    probe = make_probe(kind, **params).fit(X_train, y_train, X_val, y_val)
+    with feature_matrix(features.path) if streamed else nullcontext(features.features) as matrix:
+
+        def split_rows(split):
+            rows = features.row_indices(split)
+            return (RowSubset(matrix, rows) if streamed else matrix[rows]), features.labels[rows]
+
+        X_train, y_train = split_rows("train")
+        X_val, y_val = split_rows("val") if features.split_counts()["val"] else (None, None)
+        probe = make_probe(kind, **params).fit(X_train, y_train, X_val, y_val)
     head: LinearHead = probe.to_head(features.classes, features.fingerprint, feature_source(features))
     head.save(out)
     return head, probe
