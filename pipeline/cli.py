@@ -113,6 +113,8 @@ def main(ctx, quiet, debug):
               help="Commit progress every N images (resume point after a crash).")
 @click.option("--full-decode", is_flag=True,
               help="Decode JPEGs at full size (default: reduced DCT scale when much larger than the input).")
+@click.option("--compile", "compile", is_flag=True,
+              help="torch.compile the model: ~1 min to compile, faster forward (for long runs).")
 @click.option("--shard", default=None, type=Shard(),
               help="Extract only shard I of N into --out (combine shards with `pipe merge`).")
 @click.option("--layer", default=None,
