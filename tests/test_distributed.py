@@ -81,3 +81,32 @@ def test_merge_refuses_mixed_or_overlapping_shards(tmp_path, single):
         merge_feature_files([a, b], tmp_path / "m.h5")
     with pytest.raises(PipeError, match="in both"):
         merge_feature_files([a, a], tmp_path / "m.h5")
+
+
+def test_killed_torchrun_job_resumes_only_unfinished_work(tmp_path):
+    import time
+
+    data = tmp_path / "data"
+    make_images(data, per_class=40)
+    reference = tmp_path / "single.h5"
+    extract_features(data, out=reference, **SETTINGS)
+    out = tmp_path / "dist.h5"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "pipeline", "-q", "extract", str(data), "--out", str(out), *TINY[:-1],
+           "--batch-size", "1", "--checkpoint-every", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = tmp_path / "dist.h5.parts"
+    deadline = time.monotonic() + 120
+    while len(list(parts.glob("part-r*.h5"))) < 6 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    # the launcher and both ranks (torchrun starts each rank in its own session)
+    subprocess.run(["pkill", "-KILL", "-f", str(out)], check=True)
+    proc.wait()
+    committed = list(parts.glob("part-r*.h5"))
+    assert not out.exists() and 6 <= len(committed) < 120, "killed mid-way"
+    assert {p.name.split("-")[1] for p in committed} == {"r0", "r1"}, "both ranks had committed work"
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reused = int(result.stdout.split(" reused")[0].split()[-1])
+    assert reused >= len(committed), result.stdout
+    assert_same_file(out, reference)
