@@ -40,7 +40,8 @@ from torch import nn
 from tqdm import tqdm
 
 from .backbones import Backbone, BackboneSpec, resolve_backbone
-from .data import ImageFiles, display_path, scan_image_folder
+from .data import ImageFiles
+from .scan import display_path, scan_image_folder
 from .errors import PipeError
 from .extract import resolve_device
 

@@ -9,16 +9,22 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from importlib import metadata
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from . import __version__
-from .backbones import Backbone, resolve_backbone
-from .data import DEFAULT_SPLIT_FRACTIONS, ImageFiles, display_path, scan_image_folder
-from .distributed import Workers
 from .errors import PipeError
-from .store import FEATURE_DTYPES, ExtractionCache, Rows
+from .scan import DEFAULT_SPLIT_FRACTIONS, display_path, scan_image_folder
+from .store import FEATURE_DTYPES, ExtractionCache, Rows, is_up_to_date
+
+# torch is imported only once there is work to do: an up-to-date run stays fast
+if TYPE_CHECKING:
+    import torch
+
+    from .backbones import Backbone
 
 
 @dataclass
@@ -41,6 +47,8 @@ class ExtractSummary:
 
 def resolve_device(device: str) -> torch.device:
     """``auto`` picks CUDA when present; asking for an absent CUDA is a clear error."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -63,6 +71,8 @@ class FeatureExtractor:
     batches (the last one) are zero-padded to it, so the graph compiles once."""
 
     def __init__(self, backbone: Backbone, device: torch.device, compile_batch: int | None = None):
+        import torch
+
         self.backbone = backbone
         self.device = device
         self.module = backbone.module.to(device).to(memory_format=torch.channels_last)
@@ -72,6 +82,8 @@ class FeatureExtractor:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
 
     def __call__(self, pixels: torch.Tensor) -> np.ndarray:
+        import torch
+
         n = len(pixels)
         x = pixels.to(self.device, non_blocking=True)
         if self.compile_batch and n < self.compile_batch:
@@ -125,11 +137,20 @@ def extract_features(
     _check_options(dtype, batch_size, checkpoint_every)
     started = time.perf_counter()
     manifest = scan_image_folder(data_root, split_fractions, seed)
-    spec = resolve_backbone(model, weights, image_size, dtype, layer=layer, pool=pool, tta=tta,
-                            full_decode=full_decode)
     selected = np.arange(len(manifest)) if shard is None else _shard_rows(len(manifest), *shard)
     rows = Rows([display_path(manifest.paths[i]) for i in selected], manifest.size[selected],
                 manifest.mtime_ns[selected], [manifest.paths[i] for i in selected])
+    request = _request(model, weights, image_size, dtype, layer, pool, tta, full_decode)
+    labels, split = manifest.labels[selected], manifest.split[selected]
+    if not overwrite and int(os.environ.get("WORLD_SIZE", "1")) == 1 and \
+            is_up_to_date(out, request, rows, labels, split, manifest.classes):
+        return ExtractSummary(out=Path(out), total=len(rows.paths), extracted=0, reused=len(rows.paths),
+                              seconds=time.perf_counter() - started, written=False)
+    from .backbones import resolve_backbone
+    from .distributed import Workers
+
+    spec = resolve_backbone(model, weights, image_size, dtype, layer=layer, pool=pool, tta=tta,
+                            full_decode=full_decode)
     target = resolve_device(device)
     group = Workers.from_env(target)
     cache = ExtractionCache(out, spec.fingerprint, dtype, overwrite, writer=group.rank)
@@ -158,17 +179,37 @@ def extract_features(
             "transform": spec.transform.to_dict(), "identity": spec.identity, "fingerprint": spec.fingerprint,
             "dtype": dtype, "pipe_version": __version__, "data_root": str(Path(data_root).resolve()),
             "split_seed": seed, "split_fractions": list(split_fractions), "given_splits": manifest.given_splits,
-            **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {}),
+            "request": request, **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {}),
         }
         written, failed_in_output = group.leader_then_all(
-            lambda: (cache.commit(rows, manifest.labels[selected], manifest.split[selected], attrs),
-                     cache.failed_in_output))
+            lambda: (cache.commit(rows, labels, split, attrs), cache.failed_in_output))
     finally:
         cache.release()
         group.close()
     return ExtractSummary(out=Path(out), total=len(rows.paths), extracted=len(todo) - len(failed),
                           reused=len(rows.paths) - len(todo), failed=failed_in_output,
                           seconds=time.perf_counter() - started, written=written, rank=group.rank)
+
+
+def _request(model, weights, image_size, dtype, layer, pool, tta, full_decode) -> dict:
+    """The settings of an extraction as given, plus what could change their meaning (library
+    versions, a weights file's size and mtime): equal requests make equal features, which
+    lets an up-to-date run finish without loading torch or the model."""
+    weights_file = Path(weights)
+    stat = weights_file.stat() if weights_file.is_file() else None
+    return {
+        "model": model, "weights": weights, "image_size": image_size, "dtype": dtype, "layer": layer,
+        "pool": pool, "tta": tta, "full_decode": full_decode,
+        "weights_file": [stat.st_size, stat.st_mtime_ns] if stat else None,
+        "versions": {name: _version(name) for name in ("torch", "torchvision", "timm", "pipe")},
+    }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _shard_rows(n: int, index: int, count: int) -> np.ndarray:
@@ -216,6 +257,10 @@ def _run(run: FeatureExtractor, root, todo: list[int], rows: Rows, cache: Extrac
          workers: int, checkpoint_every: int, progress: bool) -> list[tuple[str, str]]:
     """The extraction loop over manifest rows ``todo``: decode in DataLoader workers, forward
     with ``run``, commit a part every ``checkpoint_every`` images. Returns the failures."""
+    import torch
+
+    from .data import ImageFiles
+
     spec = run.backbone.spec
     dataset = ImageFiles(root, [rows.source_paths[i] for i in todo], spec.transform, draft=not spec.full_decode)
     loader = torch.utils.data.DataLoader(

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from .backbones import resolve_backbone
-from .data import IMAGE_EXTENSIONS, EvalTransform, ImageFiles
+from .data import EvalTransform, ImageFiles
+from .scan import IMAGE_EXTENSIONS
 from .errors import PipeError
 from .extract import FeatureExtractor, resolve_device
 from .heads import LinearHead

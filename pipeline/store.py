@@ -89,8 +89,9 @@ def read_features(path, with_features: bool = True) -> FeatureSet:
                 raise PipeError(f"{path} has feature schema {f.attrs['schema_version']}, this pipe reads "
                                 f"{SCHEMA_VERSION}; re-run pipe extract with --overwrite")
             attrs = {k: _attr(f, k) for k in f.attrs}
-            for key in ("classes", "transform", "identity"):
-                attrs[key] = json.loads(attrs[key])
+            for key in ("classes", "transform", "identity", "request"):
+                if key in attrs:
+                    attrs[key] = json.loads(attrs[key])
             failed = f["failed"]
             return FeatureSet(
                 path=path,
@@ -368,7 +369,7 @@ class ExtractionCache:
             "classes": attrs["classes"],
         }
         self.failed_in_output = list(zip(new["failed_paths"], new["failed_errors"]))
-        if self._equals_previous(new):  # parts can then only hold retried failures
+        if self._equals_previous(new, attrs):  # parts can then only hold retried failures
             shutil.rmtree(self.parts_dir, ignore_errors=True)
             return False
         try:
@@ -398,14 +399,35 @@ class ExtractionCache:
                         sources.pop(key, None)
         return sources, failed
 
-    def _equals_previous(self, new: dict) -> bool:
+    def _equals_previous(self, new: dict, attrs: dict) -> bool:
         if self.overwrite or not self.out.exists():
             return False
         old = read_features(self.out, with_features=False)
-        return (old.paths.tolist() == new["paths"] and np.array_equal(old.size, new["size"])
-                and np.array_equal(old.mtime_ns, new["mtime_ns"]) and np.array_equal(old.labels, new["labels"])
-                and old.split.tolist() == new["split"].tolist() and old.classes == new["classes"]
-                and old.failed_paths == new["failed_paths"] and old.failed_errors == new["failed_errors"])
+        return old.attrs.get("request") == attrs.get("request") and _same_content(old, new)
+
+
+def _same_content(old: FeatureSet, new: dict) -> bool:
+    """Whether a stored file already holds exactly the rows described by ``new``."""
+    return (old.paths.tolist() == list(new["paths"]) and np.array_equal(old.size, new["size"])
+            and np.array_equal(old.mtime_ns, new["mtime_ns"]) and np.array_equal(old.labels, new["labels"])
+            and old.split.tolist() == list(new["split"]) and old.classes == new["classes"]
+            and old.failed_paths == new["failed_paths"] and old.failed_errors == new["failed_errors"])
+
+
+def is_up_to_date(out, request: dict, rows: Rows, labels: np.ndarray, split: np.ndarray, classes: list[str]) -> bool:
+    """True when ``out`` was made by the same ``request`` (the extraction's settings) for
+    exactly these images with no failures and no unfinished parts: nothing to do. Cheap:
+    metadata only, no lock (the file is only ever replaced atomically)."""
+    out = Path(out)
+    if not out.is_file() or out.with_name(out.name + ".parts").exists():
+        return False
+    try:
+        old = read_features(out, with_features=False)
+    except PipeError:
+        return False
+    new = {"paths": rows.paths, "size": rows.size, "mtime_ns": rows.mtime_ns, "labels": labels, "split": split,
+           "classes": classes, "failed_paths": [], "failed_errors": []}
+    return old.attrs.get("request") == request and _same_content(old, new)
 
 
 def write_feature_file(target: Path, new: dict, sources: list[tuple[Path, int]], attrs: dict, dtype: str) -> None:

@@ -215,3 +215,19 @@ def test_full_disk_keeps_progress_for_resuming(tmp_path, reference):
     result = run_pipe(*extract_args(data, out, *SMALL_STEPS))
     assert result.returncode == 0, result.stderr
     assert_same_features(feature_map(out), expected)
+
+
+def test_up_to_date_run_is_quick_and_never_loads_torch(tmp_path):
+    data = tmp_path / "data"
+    make_images(data, per_class=4)
+    out = tmp_path / "f.h5"
+    assert run_pipe(*extract_args(data, out)).returncode == 0
+    code = ("import sys; from pipeline.cli import main\n"
+            f"main({pipe_cmd(*extract_args(data, out))[3:]!r}, standalone_mode=False)\n"
+            "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "up to date" in result.stdout and "torch not loaded" in result.stdout
+    (data / "a" / "000.png").unlink()  # any change takes the full path again
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert "0 extracted, 11 reused" in result.stdout and "torch loaded" in result.stdout

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from conftest import COLOURS, write_image
-from pipeline.data import open_rgb, scan_image_folder, stratified_split
+from pipeline.data import open_rgb
+from pipeline.scan import scan_image_folder, stratified_split
 from pipeline.errors import PipeError
 
 FRACTIONS = (0.7, 0.15, 0.15)
