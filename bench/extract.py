@@ -72,9 +72,10 @@ def warm_page_cache(root: Path) -> None:
         path.read_bytes()
 
 
-def time_ceiling(spec, pixels: torch.Tensor, batch_size: int) -> float:
-    """(a): pipe's forward path (normalise, channels_last, inference_mode) on decoded tensors."""
-    run = FeatureExtractor(spec.build(), torch.device("cpu"))
+def time_ceiling(spec, pixels: torch.Tensor, batch_size: int, compiled: bool = False) -> float:
+    """(a): pipe's forward path (normalise, channels_last, inference_mode) on decoded tensors;
+    with ``compiled``, as `pipe extract --compile` runs it (compilation before the clock)."""
+    run = FeatureExtractor(spec.build(), torch.device("cpu"), batch_size if compiled else None)
     run(pixels[:batch_size])  # warm-up
     started = time.perf_counter()
     for i in range(0, len(pixels), batch_size):
@@ -124,6 +125,25 @@ def speed(models: list[str], n: int, batch_size: int, workers: int | None) -> di
             results[model] = {"ceiling": a, "peer": b, "pipe": c, "c/a": c / a, "c/b": c / b}
             print(f"{model:<20} (a) ceiling {a:7.1f} img/s   (b) peer {b:7.1f} img/s   (c) pipe {c:7.1f} img/s"
                   f"   c/a {c / a:.2f}   c/b {c / b:.2f}", flush=True)
+    return results
+
+
+def compile_gain(models: list[str], batch_size: int) -> dict:
+    """Throughput with and without `--compile`, and the one-off compile time: when it pays."""
+    results = {}
+    pixels = torch.randint(0, 256, (3 * batch_size, 3, 224, 224), dtype=torch.uint8)
+    for model in models:
+        spec = resolve_backbone(model, "none")
+        eager = time_ceiling(spec, pixels, batch_size)
+        started = time.perf_counter()
+        FeatureExtractor(spec.build(), torch.device("cpu"), batch_size)(pixels[:batch_size])
+        compile_seconds = time.perf_counter() - started
+        compiled = time_ceiling(spec, pixels, batch_size, compiled=True)
+        break_even = compile_seconds / (1 / eager - 1 / compiled) if compiled > eager else float("inf")
+        results[model] = {"eager": eager, "compiled": compiled, "compile_seconds": compile_seconds,
+                          "break_even_images": break_even}
+        print(f"--compile {model}: {eager:.1f} -> {compiled:.1f} img/s ({100 * (compiled / eager - 1):+.0f}%), "
+              f"compiling takes {compile_seconds:.0f} s: pays after ~{break_even:,.0f} images", flush=True)
     return results
 
 
@@ -218,11 +238,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--probe-per-class", type=int, default=30)
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also measure what torch.compile gains")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
           f"{args.images} JPEGs, batch size {args.batch_size}", flush=True)
     report = {"speed": speed(args.models.split(","), args.images, args.batch_size, args.workers)}
+    if args.compile:
+        report["compile"] = compile_gain(args.models.split(","), args.batch_size)
     if not args.skip_quality:
         report["quality"] = quality(args.probe_per_class)
         report["memory"] = memory()
