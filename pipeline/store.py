@@ -18,6 +18,7 @@ import resource
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import h5py
@@ -275,11 +276,17 @@ class ExtractionCache:
     def __exit__(self, *exc) -> None:
         self.release()
 
-    def _check_previous(self) -> None:
+    @cached_property
+    def previous(self) -> FeatureSet | None:
+        """The output file's metadata (None with ``overwrite`` or no file), read once: the
+        file only changes when :meth:`commit` replaces it."""
         if self.overwrite or not self.out.exists():
-            return
-        old = read_features(self.out, with_features=False)
-        if old.fingerprint != self.fingerprint:
+            return None
+        return read_features(self.out, with_features=False)
+
+    def _check_previous(self) -> None:
+        old = self.previous
+        if old is not None and old.fingerprint != self.fingerprint:
             raise PipeError(
                 f"{self.out} holds features of another model/weights/transform (fingerprint "
                 f"{old.fingerprint} = {old.attrs['model']} {old.attrs['weights']}, now {self.fingerprint}); "
@@ -316,15 +323,7 @@ class ExtractionCache:
         """Images whose features are already stored, in the previous file or in parts of an
         interrupted run, keyed by (path, size, mtime_ns). Failed images are not "done": they
         are retried on every run (cheap, and a fixed permission or file then just works)."""
-        keys = set()
-        if self.out.exists() and not self.overwrite:
-            old = read_features(self.out, with_features=False)
-            keys.update(zip(old.paths.tolist(), old.size.tolist(), old.mtime_ns.tolist()))
-        for part in self._part_files():
-            with h5py.File(part, "r") as f:
-                keys.update(zip(f["paths"].asstr()[:].tolist(), f["file_size"][:].tolist(),
-                                f["file_mtime_ns"][:].tolist()))
-        return keys
+        return set(self._index_sources()[0])
 
     # -- writing -----------------------------------------------------------------------------
     def _io_error(self, exc: OSError, target: Path) -> PipeError:
@@ -383,27 +382,26 @@ class ExtractionCache:
         """(key -> (file, row) for stored features, key -> error for failed images); later
         parts win over earlier ones and over the previous file."""
         sources, failed = {}, {}
-        files = ([self.out] if self.out.exists() and not self.overwrite else []) + self._part_files()
-        for file in files:
-            with h5py.File(file, "r") as f:
+        old = self.previous  # its failures are retried, so never reused
+        if old is not None:
+            keys = zip(old.paths.tolist(), old.size.tolist(), old.mtime_ns.tolist())
+            sources.update((key, (self.out, row)) for row, key in enumerate(keys))
+        for part in self._part_files():
+            with h5py.File(part, "r") as f:
                 keys = zip(f["paths"].asstr()[:].tolist(), f["file_size"][:].tolist(), f["file_mtime_ns"][:].tolist())
                 for row, key in enumerate(keys):
-                    sources[key] = (file, row)
+                    sources[key] = (part, row)
                     failed.pop(key, None)
-                if file != self.out:  # the old file's failures are retried, so never reused
-                    g = f["failed"]
-                    fkeys = zip(g["paths"].asstr()[:].tolist(), g["file_size"][:].tolist(),
-                                g["file_mtime_ns"][:].tolist())
-                    for key, error in zip(fkeys, g["errors"].asstr()[:].tolist()):
-                        failed[key] = error
-                        sources.pop(key, None)
+                g = f["failed"]
+                fkeys = zip(g["paths"].asstr()[:].tolist(), g["file_size"][:].tolist(), g["file_mtime_ns"][:].tolist())
+                for key, error in zip(fkeys, g["errors"].asstr()[:].tolist()):
+                    failed[key] = error
+                    sources.pop(key, None)
         return sources, failed
 
     def _equals_previous(self, new: dict, attrs: dict) -> bool:
-        if self.overwrite or not self.out.exists():
-            return False
-        old = read_features(self.out, with_features=False)
-        return old.attrs.get("request") == attrs.get("request") and _same_content(old, new)
+        old = self.previous
+        return old is not None and old.attrs.get("request") == attrs.get("request") and _same_content(old, new)
 
 
 def _same_content(old: FeatureSet, new: dict) -> bool:
