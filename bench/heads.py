@@ -2,7 +2,8 @@
 
 On the same features, time and score the full strength sweep + refit of
 :class:`pipeline.heads.LinearProbe` and :class:`pipeline.heads.SklearnProbe` over the same
-grid, and one fit at the chosen strength, on (a) a real feature file (``--features``) and
+grid, and one fit at the chosen strength (a grid of one strength: a single fit on
+train + val), on (a) a real feature file (``--features``) and
 (b) seeded synthetic features (50,000 x 2,048, 100 classes; smaller with ``--quick``).
 
     python bench/heads.py [--features cache/features.h5] [--quick] [--json out.json]
@@ -58,7 +59,7 @@ def read_feature_file(path):
 
 
 def time_trainer(make, splits):
-    """Sweep + refit, then one fit at the chosen strength; returns the figures."""
+    """Sweep + refit, then one fit at the chosen strength from scratch; returns the figures."""
     X_train, y_train = splits["train"]
     X_test, y_test = splits["test"]
     val = splits["val"] if len(splits["val"][1]) else (None, None)

@@ -178,12 +178,15 @@ def train_head(features, out, kind, **params):
     if kind == "sklearn":
         params.pop("device", None)
     head, probe = train(features, out, kind, **params)
-    click.echo("strength    val accuracy")
-    for strength, accuracy in probe.grid_scores_:
-        mark = "  <- chosen" if strength == probe.best_strength_ else ""
-        click.echo(f"{strength:<10.3g}  {accuracy:.4f}{mark}")
-    best = dict(probe.grid_scores_)[probe.best_strength_]
-    click.echo(f"{kind} head: strength {probe.best_strength_:.3g}, val accuracy {best:.4f}, "
+    if probe.grid_scores_:
+        click.echo("strength    val accuracy")
+        for strength, accuracy in probe.grid_scores_:
+            mark = "  <- chosen" if strength == probe.best_strength_ else ""
+            click.echo(f"{strength:<10.3g}  {accuracy:.4f}{mark}")
+        chosen = f"val accuracy {dict(probe.grid_scores_)[probe.best_strength_]:.4f}"
+    else:
+        chosen = "the only one given, fitted on train + val"
+    click.echo(f"{kind} head: strength {probe.best_strength_:.3g} ({chosen}), "
                f"trained in {probe.fit_seconds_:.2f} s -> {out}")
 
 

@@ -227,6 +227,8 @@ def test_bad_feature_and_head_files(tmp_path):
     torch.save({"weight": torch.zeros(2, 2)}, not_head)
     assert_one_line_error(run_cli("evaluate", "--features", out, "--head", not_head), "head.pt")
     assert_one_line_error(run_cli("evaluate", "--features", out, "--head", out), "f.h5")
+    for grid in ("0,0.1", "-1", "nan"):
+        assert_one_line_error(run_cli("train-head", out, "--out", tmp_path / "h.pt", "--grid", grid), "positive")
 
 
 def test_one_class_and_empty_split(tmp_path):

@@ -147,6 +147,17 @@ def test_train_head_grid_option(ws, run_cli, tmp_path):
     assert [float(r.split()[0]) for r in rows] == [0.01, 0.1]
 
 
+def test_train_head_with_one_strength_fits_once_on_train_and_val(ws, run_cli, tmp_path):
+    result = run_cli("train-head", ws.features, "--out", tmp_path / "h.pt", "--grid", "0.05")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0].startswith("linear head: strength 0.05 (the only one given")
+    training = LinearHead.load(tmp_path / "h.pt").training
+    with h5py.File(ws.features, "r") as f:
+        split = f["split"].asstr()[:]
+    assert training["grid_scores"] == [] and training["n_val"] == (split == "val").sum()
+    assert training["n_train"] == (split == "train").sum()
+
+
 def test_train_head_sklearn(ws, run_cli, tmp_path):
     out = tmp_path / "sk.pt"
     result = run_cli("train-head", ws.features, "--out", out, "--head", "sklearn")

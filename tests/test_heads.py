@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pipeline.errors import PipeError
+import pipeline.heads
 from pipeline.heads import LinearHead, LinearProbe, SklearnProbe, make_probe
 
 GRID = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
@@ -155,7 +156,7 @@ def test_mini_batch_holds_out_validation_from_an_hdf5_dataset(tmp_path):
     with h5py.File(tmp_path / "f.h5", "w") as f:
         f["features"] = X
     with h5py.File(tmp_path / "f.h5", "r") as f:
-        probe = LinearProbe(grid=[1e-3]).fit(f["features"], y)
+        probe = LinearProbe(grid=[1e-3, 1e-2]).fit(f["features"], y)
     assert probe.n_train_ == 400 and probe.n_val_ == 100 and accuracy(probe, X, y) > 0.95
 
 
@@ -193,3 +194,57 @@ def test_make_probe_builds_by_name_and_rejects_unknown():
         make_probe("svm")
     with pytest.raises(PipeError, match="batch_size"):
         make_probe("sklearn", batch_size=64)
+
+
+def mean_cross_entropy(params, X, y, strength):
+    """The probe's objective at (D+1, C) parameters, written plainly for autograd."""
+    logits = X @ params[:-1] + params[-1]
+    return torch.nn.functional.cross_entropy(logits, y) + strength / 2 * params[:-1].square().sum()
+
+
+@pytest.mark.parametrize("rank", [None, 4])  # every eigenpair; or the top 4 with the rest flat
+def test_preconditioner_inverts_the_hessian_at_the_start(monkeypatch, rank):
+    X, y = blobs(400, n_dims=24, n_classes=4, spread=2.0)
+    X = torch.from_numpy((X - X.mean(0)) / X.std(0))
+    if rank:  # make the spectrum low rank plus a flat rest, which the estimate then captures exactly
+        X = X[:, :rank] @ torch.randn(rank, 24, generator=torch.Generator().manual_seed(0)) + 0.1 * X
+        monkeypatch.setattr(pipeline.heads, "SPECTRUM_RANK", rank)
+        monkeypatch.setattr(pipeline.heads, "SPECTRUM_ROWS", 400)
+    strength = 0.03
+    spectrum = pipeline.heads._FeatureSpectrum(X, seed=0)
+    assert (spectrum.rest is None) == (rank is None)
+    preconditioner = pipeline.heads._Preconditioner(spectrum, torch.tensor([strength]), 4)
+    zero = torch.zeros(25, 4)
+    hessian = torch.autograd.functional.hessian(
+        lambda p: mean_cross_entropy(p, X, torch.from_numpy(y), strength), zero).reshape(100, 100)
+    v = torch.randn(1, 25, 4, generator=torch.Generator().manual_seed(1))
+    v[0, -1] -= v[0, -1].mean()  # the bias has no curvature along a shift of every class
+    hv = (hessian @ v.flatten()).view(1, 25, 4)
+    if rank is None:
+        torch.testing.assert_close(preconditioner.apply(torch.tensor([0]), hv), v, atol=1e-3, rtol=1e-3)
+    else:  # the flat rest is an approximation: it must still bring Hv most of the way back to v
+        error = (preconditioner.apply(torch.tensor([0]), hv) - v).norm() / v.norm()
+        assert error < 0.5
+    g = torch.randn(1, 25, 4)
+    inner = preconditioner.inner(torch.tensor([0]), g)
+    torch.testing.assert_close(inner, (g * preconditioner.apply(torch.tensor([0]), g)).sum().double()[None],
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_low_rank_preconditioning_reaches_the_same_solution(monkeypatch):
+    X, y = blobs(600, n_dims=40, n_classes=3, spread=3.0, seed=5)
+    full = LinearProbe(grid=[1e-2, 1e-1], tol=1e-6, max_iter=500).fit(X[:400], y[:400], X[400:], y[400:])
+    monkeypatch.setattr(pipeline.heads, "SPECTRUM_RANK", 4)  # 40 dims > 4 * 4: the randomized path
+    low = LinearProbe(grid=[1e-2, 1e-1], tol=1e-6, max_iter=500).fit(X[:400], y[:400], X[400:], y[400:])
+    assert low.grid_scores_ == full.grid_scores_
+    np.testing.assert_allclose(low.weight_, full.weight_, atol=2e-3)
+    assert low.converged_ and full.converged_
+
+
+def test_one_strength_is_fitted_once_on_train_and_val():
+    X, y = blobs(500, spread=2.0)
+    probe = LinearProbe(grid=[1e-2]).fit(X[:300], y[:300], X[300:400], y[300:400])
+    assert probe.grid_scores_ == [] and (probe.n_train_, probe.n_val_) == (300, 100)
+    assert list(probe.n_iter_) == ["refit"]
+    reference = SklearnProbe(grid=[1e-2]).fit(X[:400], y[:400])  # no val given: all 400 rows
+    np.testing.assert_allclose(probe.weight_, reference.weight_, atol=0.02)
