@@ -650,6 +650,7 @@ def _batched_lbfgs(objective, params, max_iter, tol, preconditioner, history=10,
     loss, grad = objective(params, every)
     pairs = []  # (s, y, 1 / s.y) per iteration; rho = 0 marks a skipped pair
     scale = torch.ones(n_models, dtype=torch.float64)  # s.y / y.M^-1.y of the latest pair
+    first_step = torch.ones(n_models, dtype=torch.float64)  # where each model's line search starts
     n_iter = torch.zeros(n_models, dtype=torch.int64)
     done = torch.zeros(n_models, dtype=torch.bool)
 
@@ -676,8 +677,8 @@ def _batched_lbfgs(objective, params, max_iter, tol, preconditioner, history=10,
             q += scaled(alpha - beta, s[rows])
         direction = -q
         slope = dot(g, direction)
-        step = torch.ones(len(rows), dtype=torch.float64)
-        new_loss, new_grad = objective(params[rows] + direction, rows)
+        step = first_step[rows]
+        new_loss, new_grad = objective(params[rows] + scaled(step, direction), rows)
         pending = torch.ones(len(rows), dtype=torch.bool)
         for _ in range(max_backtracks):
             pending = ~(new_loss <= loss[rows] + 1e-4 * step * slope)  # NaN counts as failure
@@ -702,6 +703,8 @@ def _batched_lbfgs(objective, params, max_iter, tol, preconditioner, history=10,
         params[ok] += s[ok]
         loss[ok], grad[ok] = new_loss[accepted], new_grad[accepted]
         n_iter[ok] += 1
+        # a model that had to backtrack tries at most twice its accepted step next time
+        first_step[ok] = (2 * step[accepted]).clamp(max=1.0)
         sy = dot(s, y)
         curved = sy > 1e-10 * dot(y, y).sqrt() * dot(s, s).sqrt()
         pairs = (pairs + [(s, y, torch.where(curved, 1.0 / sy, 0.0))])[-history:]
