@@ -397,8 +397,9 @@ class LinearProbe(_SweepProbe):
     are trained together by a batched L-BFGS (:func:`_batched_lbfgs`): one (D, K*C)
     matrix product per evaluation serves every model, while each model keeps its own
     curvature history and step length and stops on scikit-learn's rule (largest gradient
-    entry <= ``tol``, at most ``max_iter`` iterations). The refit starts from the chosen
-    grid solution.
+    entry <= ``tol``, at most ``max_iter`` iterations). Its initial inverse Hessian is the
+    exact one at the start (:class:`_Preconditioner`), which cuts the iterations several-fold
+    on real features. The refit starts from the chosen grid solution.
 
     Mini-batch (``batch_size`` set, or features not an in-memory ndarray such as an
     ``h5py.Dataset``): contiguous row chunks are streamed, the K models trained together

@@ -97,7 +97,11 @@ def test_killed_torchrun_job_resumes_only_unfinished_work(tmp_path):
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts = tmp_path / "dist.h5.parts"
     deadline = time.monotonic() + 120
-    while len(list(parts.glob("part-r*.h5"))) < 6 and proc.poll() is None and time.monotonic() < deadline:
+
+    def each_rank_committed(n_parts):  # ranks start at different times: wait for both
+        return all(len(list(parts.glob(f"part-r{rank}-*.h5"))) >= n_parts for rank in (0, 1))
+
+    while not each_rank_committed(3) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     # the launcher and both ranks (torchrun starts each rank in its own session)
     subprocess.run(["pkill", "-KILL", "-f", str(out)], check=True)
