@@ -423,7 +423,6 @@ class LinearProbe(_SweepProbe):
         return self.batch_size is not None or not all(isinstance(x, np.ndarray) for _, x, _ in parts)
 
     def _fit_grid(self, parts, val):
-        self._spectrum = None
         if self._streaming(parts):
             weights, biases, self.best_epochs_ = self._adam(parts, self.grid_, self.max_epochs, val)
             self.n_iter_["sweep_epochs"] = self.best_epochs_.tolist()
@@ -434,8 +433,6 @@ class LinearProbe(_SweepProbe):
 
     def _fit_one(self, parts, index, init):
         strength = [self.grid_[index]]
-        if init is None:  # no sweep ran
-            self._spectrum = None
         if self._streaming(parts):
             epochs = self.max_epochs if init is None else max(int(self.best_epochs_[index]), 1)
             weights, biases, _ = self._adam(parts, strength, epochs, val=None)
@@ -452,15 +449,15 @@ class LinearProbe(_SweepProbe):
     def _lbfgs(self, X, y, strengths, init):
         """Fit one model per strength with batched, preconditioned L-BFGS.
 
-        Returns weights (K, C, D), biases (K, C) and the iterations each model took. The
-        feature spectrum behind the preconditioner is computed on the first call of a
-        fit and reused by the refit.
+        Returns weights (K, C, D), biases (K, C) and the iterations each model took. A fit
+        from scratch measures the feature spectrum behind the preconditioner; a refit
+        started from a sweep's solution (``init``) reuses the sweep's.
         """
         device = torch.device(self.device)
         n_classes = len(self.classes_)
         X_t = torch.from_numpy(X).to(device)
         y_t = torch.from_numpy(y).to(device)
-        if self._spectrum is None:
+        if init is None:
             self._spectrum = _FeatureSpectrum(X_t, self.seed)
         sw = torch.from_numpy(_class_weights(y, n_classes, self.balanced)[y] / len(y)).to(device)
         lam = torch.tensor(strengths, dtype=torch.float32, device=device)
