@@ -40,7 +40,7 @@ VAL_FRACTION = 0.2
 CHUNK_ROWS = 8192
 PATIENCE_EPOCHS = 3
 FTOL = 2.0**-23  # float32 resolution: a smaller relative loss decrease is rounding noise
-SPECTRUM_ROWS = 8192
+SPECTRUM_ROWS = 4096
 SPECTRUM_RANK = 128
 _HEAD_KEYS = ("weight", "bias", "mean", "std", "classes", "fingerprint", "source", "training")
 
@@ -221,15 +221,18 @@ def _check_split(X, y, name):
 
 
 def _feature_stats(parts):
-    """Per-dimension mean and std over all rows of ``parts``; rejects NaN/inf features."""
+    """Per-dimension mean and std over all rows of ``parts``; rejects NaN/inf features.
+
+    Reads ``parts`` in row chunks and accumulates in float64 without a float64 copy.
+    """
     n_dims = parts[0][1].shape[1]
     total, total_sq, count = np.zeros(n_dims), np.zeros(n_dims), 0
     for name, X, _ in parts:
         part_sum = np.zeros(n_dims)
         for start, stop in _row_chunks(X.shape[0]):
-            x = np.asarray(X[start:stop], dtype=np.float64)
-            part_sum += x.sum(axis=0)
-            total_sq += np.square(x).sum(axis=0)
+            x = np.asarray(X[start:stop], dtype=np.float32)
+            part_sum += x.sum(axis=0, dtype=np.float64)
+            total_sq += np.einsum("ij,ij->j", x, x, dtype=np.float64)
         if not np.isfinite(part_sum).all():
             raise PipeError(f"{name} features contain NaN or infinity; re-extract them")
         total += part_sum
@@ -379,7 +382,16 @@ class _SweepProbe:
 
     def _encoded(self, parts):
         """Standardised float32 features and class positions (into ``classes_``) of ``parts``."""
-        X = np.concatenate([_standardize(x[:], self.mean_, self.std_) for _, x, _ in parts])
+        X = np.empty((sum(x.shape[0] for _, x, _ in parts), parts[0][1].shape[1]), dtype=np.float32)
+        offset = 0
+        for _, x, _ in parts:  # chunk by chunk into place: no full-size temporaries
+            for start, stop in _row_chunks(x.shape[0]):
+                block = X[offset + start: offset + stop]
+                block[:] = x[start:stop]
+                if self.mean_ is not None:
+                    block -= self.mean_
+                    block /= self.std_
+            offset += x.shape[0]
         y = np.searchsorted(self.classes_, np.concatenate([labels for _, _, labels in parts]))
         return X, y
 
@@ -642,6 +654,13 @@ def _batched_lbfgs(objective, params, max_iter, tol, preconditioner, history=10,
     iteration no longer lowers its loss by more than float32 can resolve (``FTOL``,
     relative). Stopped models leave the batch, so later evaluations only pay for those
     still running. Returns the parameters and the iterations each model took.
+
+    The losses must be bounded below by 0 (cross-entropy plus a penalty is). A line
+    search first tries at most ``2 * loss / |slope|``: the step to the minimum of the
+    parabola through the loss and slope whose lowest value is 0. A step predicted to
+    lower the loss by more than the loss itself is one the local model cannot be trusted
+    for; far from the solution on nearly separable classes, the first (Newton) step is
+    such a step, and trying it as is overshoots to a loss several times higher.
     """
     n_models = params.shape[0]
     every = torch.arange(n_models)
@@ -675,7 +694,7 @@ def _batched_lbfgs(objective, params, max_iter, tol, preconditioner, history=10,
             q += scaled(alpha - beta, s[rows])
         direction = -q
         slope = dot(g, direction)
-        step = first_step[rows]
+        step = torch.minimum(first_step[rows], 2 * loss[rows] / -slope)  # see the docstring
         new_loss, new_grad = objective(params[rows] + scaled(step, direction), rows)
         pending = torch.ones(len(rows), dtype=torch.bool)
         for _ in range(max_backtracks):

@@ -248,3 +248,35 @@ def test_one_strength_is_fitted_once_on_train_and_val():
     assert list(probe.n_iter_) == ["refit"]
     reference = SklearnProbe(grid=[1e-2]).fit(X[:400], y[:400])  # no val given: all 400 rows
     np.testing.assert_allclose(probe.weight_, reference.weight_, atol=0.02)
+
+
+def test_line_search_first_tries_no_further_than_a_parabola_floored_at_zero():
+    X, y = blobs(300, n_dims=8, n_classes=3, spread=3.0)
+    X, y = torch.from_numpy((X - X.mean(0)) / X.std(0)), torch.from_numpy(y)
+    sw, strengths = torch.full((300,), 1 / 300), torch.tensor([1e-4, 1e-4])
+    gains = torch.tensor([1e4, 1e-2])  # model 0's initial steps are far too long, model 1's short
+
+    class ScaledIdentity:
+        def apply(self, rows, g):
+            return gains[rows].view(-1, 1, 1) * g
+
+        def inner(self, rows, g):
+            return (self.apply(rows, g) * g).flatten(1).sum(1, dtype=torch.float64)
+
+    trials = []
+
+    def objective(P, rows):
+        trials.append((P.clone(), rows.clone()))
+        return pipeline.heads._loss_and_grad(X, y, sw, P, strengths[rows])
+
+    params, _ = pipeline.heads._batched_lbfgs(objective, torch.zeros(2, 9, 3), 20, 1e-4, ScaledIdentity())
+    first_trial, rows = trials[1]  # trials[0] is the start
+    loss, grad = pipeline.heads._loss_and_grad(X, y, sw, torch.zeros(2, 9, 3), strengths)
+    direction = -gains.view(-1, 1, 1) * grad
+    slope = (grad * direction).flatten(1).sum(1)
+    step = first_trial.flatten(1).norm(dim=1) / direction.flatten(1).norm(dim=1)
+    assert rows.tolist() == [0, 1]
+    torch.testing.assert_close(step[0].double(), 2 * loss[0] / -slope[0].double(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(step[1], torch.tensor(1.0), rtol=1e-5, atol=0)  # a short step is tried as is
+    final, _ = pipeline.heads._loss_and_grad(X, y, sw, params, strengths)
+    assert (final < 0.5 * loss).all()
