@@ -6,12 +6,15 @@ grid, and one fit at the chosen strength (a grid of one strength: a single fit o
 train + val), on (a) a real feature file (``--features``) and
 (b) seeded synthetic features (50,000 x 2,048, 100 classes; smaller with ``--quick``).
 
-    python bench/heads.py [--features cache/features.h5] [--quick] [--json out.json]
+    python bench/heads.py [--features cache/features.h5] [--quick] [--device cuda] [--json out.json]
+
+scikit-learn always runs on the CPU; ``--device`` moves pipe's trainer (default: this CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -26,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.heads import LinearProbe, SklearnProbe  # noqa: E402
 
-TRAINERS = {"pipe (torch L-BFGS, batched grid)": LinearProbe, "sklearn (lbfgs, one fit per strength)": SklearnProbe}
+PIPE, SKLEARN = "pipe (torch L-BFGS, batched grid)", "sklearn (lbfgs, one fit per strength)"
 
 
 def synthetic_features(n_rows, n_dims, n_classes, seed=0):
@@ -83,11 +86,12 @@ def time_trainer(make, splits):
     }
 
 
-def compare(name, splits):
-    """Run every trainer on one feature set; returns ``{trainer: figures}`` plus ratios."""
+def compare(name, splits, device):
+    """Run both trainers on one feature set; returns ``{trainer: figures}`` plus ratios."""
     load_before = os.getloadavg()[0]
-    results = {label: time_trainer(make, splits) for label, make in TRAINERS.items()}
-    pipe, sk = results.values()
+    trainers = {PIPE: functools.partial(LinearProbe, device=device), SKLEARN: SklearnProbe}
+    results = {label: time_trainer(make, splits) for label, make in trainers.items()}
+    pipe, sk = results[PIPE], results[SKLEARN]
     results["ratios"] = {
         "sklearn_over_pipe_sweep_time": sk["sweep_refit_seconds"] / pipe["sweep_refit_seconds"],
         "sklearn_over_pipe_single_time": sk["single_fit_seconds"] / pipe["single_fit_seconds"],
@@ -96,6 +100,13 @@ def compare(name, splits):
     # other work on the machine skews both timings; the load average shows how much
     load = [load_before, os.getloadavg()[0]]
     return {"features": name, "shape": list(splits["train"][0].shape), "load_average": load, "results": results}
+
+
+def describe(device):
+    """The hardware behind ``device``, in words."""
+    if device == "cpu":
+        return f"CPU, {torch.get_num_threads()} torch threads"
+    return torch.cuda.get_device_name(torch.device(device))
 
 
 def format_table(run):
@@ -118,14 +129,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--features", type=Path, help="pipe feature file (HDF5) to benchmark on")
     parser.add_argument("--quick", action="store_true", help="small synthetic set (10,000 x 512, 20 classes)")
+    parser.add_argument("--device", default="cpu", help="where pipe's trainer runs: cpu or cuda")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
-    runs = []
-    if args.features:
-        runs.append(compare(str(args.features), read_feature_file(args.features)))
+    if args.device != "cpu":  # start CUDA and its libraries before anything is timed
+        warm = synthetic_features(2_000, 64, 4)["train"]
+        LinearProbe(grid=[1e-3, 1e-2], device=args.device).fit(*warm)
     shape = (10_000, 512, 20) if args.quick else (50_000, 2048, 100)
-    runs.append(compare("synthetic {} x {}, {} classes".format(*shape), synthetic_features(*shape)))
-    print(f"torch threads: {torch.get_num_threads()}")
+    feature_sets = [(str(args.features), read_feature_file(args.features))] if args.features else []
+    feature_sets.append(("synthetic {} x {}, {} classes".format(*shape), synthetic_features(*shape)))
+    runs = [dict(compare(name, splits, args.device), device=describe(args.device)) for name, splits in feature_sets]
+    print(f"pipe on {describe(args.device)}; scikit-learn on {os.cpu_count()} CPU cores")
     for run in runs:
         print(format_table(run))
     if args.json:

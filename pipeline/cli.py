@@ -163,7 +163,7 @@ def merge(shards, out, overwrite):
 @click.option("--grid", default=None, type=FloatList(), help="L2 strengths to sweep [default: 16-point log grid].")
 @click.option("--balanced", is_flag=True, help="Weight classes inversely to their frequency.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (linear head).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (linear head).")
 @click.option("--max-iter", default=None, type=int, help="L-BFGS iterations per fit [default: 100 linear, 1000 sklearn].")
 @click.option("--tol", default=None, type=float, help="Stop when the largest gradient entry is below this [1e-4].")
 @click.option("--batch-size", default=None, type=int,

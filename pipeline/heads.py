@@ -32,6 +32,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
 from pipeline.errors import PipeError
+from pipeline.extract import resolve_device
 
 HEAD_FORMAT = "pipe-head"
 HEAD_VERSION = 1
@@ -423,7 +424,7 @@ class LinearProbe(_SweepProbe):
 
     trainer = "linear"
 
-    def __init__(self, grid=None, balanced=False, seed=0, device="cpu", max_iter=100, tol=1e-4,
+    def __init__(self, grid=None, balanced=False, seed=0, device="auto", max_iter=100, tol=1e-4,
                  standardize=True, batch_size=None, max_epochs=30, lr=1e-2):
         super().__init__(grid, balanced, seed, max_iter, tol, standardize)
         self.device = device
@@ -465,7 +466,7 @@ class LinearProbe(_SweepProbe):
         from scratch measures the feature spectrum behind the preconditioner; a refit
         started from a sweep's solution (``init``) reuses the sweep's.
         """
-        device = torch.device(self.device)
+        device = resolve_device(self.device)
         n_classes = len(self.classes_)
         X_t = torch.from_numpy(X).to(device)
         y_t = torch.from_numpy(y).to(device)
@@ -487,7 +488,7 @@ class LinearProbe(_SweepProbe):
 
     def _adam(self, parts, strengths, epochs, val):
         """Mini-batch training of K models over streamed chunks; returns weights, biases, best epochs."""
-        device = torch.device(self.device)
+        device = resolve_device(self.device)
         n_classes, n_dims, n_models = len(self.classes_), parts[0][1].shape[1], len(strengths)
         labels = np.searchsorted(self.classes_, np.concatenate([y for _, _, y in parts]))
         class_weight = torch.from_numpy(_class_weights(labels, n_classes, self.balanced)).to(device)
@@ -662,14 +663,14 @@ def _batched_lbfgs(objective, params, max_iter, tol, preconditioner, history=10,
     for; far from the solution on nearly separable classes, the first (Newton) step is
     such a step, and trying it as is overshoots to a loss several times higher.
     """
-    n_models = params.shape[0]
-    every = torch.arange(n_models)
+    n_models, device = params.shape[0], params.device
+    every = torch.arange(n_models, device=device)
     loss, grad = objective(params, every)
     pairs = []  # (s, y, 1 / s.y) per iteration; rho = 0 marks a skipped pair
-    scale = torch.ones(n_models, dtype=torch.float64)  # s.y / y.M^-1.y of the latest pair
-    first_step = torch.ones(n_models, dtype=torch.float64)  # where each model's line search starts
-    n_iter = torch.zeros(n_models, dtype=torch.int64)
-    done = torch.zeros(n_models, dtype=torch.bool)
+    scale = torch.ones(n_models, dtype=torch.float64, device=device)  # s.y / y.M^-1.y of the latest pair
+    first_step = torch.ones(n_models, dtype=torch.float64, device=device)  # where each line search starts
+    n_iter = torch.zeros(n_models, dtype=torch.int64, device=device)
+    done = torch.zeros(n_models, dtype=torch.bool, device=device)
 
     def dot(a, b):
         return (a * b).flatten(1).sum(1, dtype=torch.float64)
@@ -696,7 +697,7 @@ def _batched_lbfgs(objective, params, max_iter, tol, preconditioner, history=10,
         slope = dot(g, direction)
         step = torch.minimum(first_step[rows], 2 * loss[rows] / -slope)  # see the docstring
         new_loss, new_grad = objective(params[rows] + scaled(step, direction), rows)
-        pending = torch.ones(len(rows), dtype=torch.bool)
+        pending = torch.ones(len(rows), dtype=torch.bool, device=device)
         for _ in range(max_backtracks):
             pending = ~(new_loss <= loss[rows] + 1e-4 * step * slope)  # NaN counts as failure
             if not pending.any():

@@ -229,6 +229,7 @@ def test_bad_feature_and_head_files(tmp_path):
     assert_one_line_error(run_cli("evaluate", "--features", out, "--head", out), "f.h5")
     for grid in ("0,0.1", "-1", "nan"):
         assert_one_line_error(run_cli("train-head", out, "--out", tmp_path / "h.pt", "--grid", grid), "positive")
+    assert_one_line_error(run_cli("train-head", out, "--out", tmp_path / "h.pt", "--device", "tpu"), "unknown device")
 
 
 def test_one_class_and_empty_split(tmp_path):
