@@ -61,23 +61,22 @@ def read_feature_file(path):
     return {name: (X[split == name], y[split == name]) for name in ("train", "val", "test")}
 
 
-def time_trainer(make, splits):
-    """Sweep + refit, then one fit at the chosen strength from scratch; returns the figures."""
-    X_train, y_train = splits["train"]
-    X_test, y_test = splits["test"]
+def fit_timed(probe, splits):
+    """Fit ``probe`` on train (selecting on val); returns the seconds it took."""
     val = splits["val"] if len(splits["val"][1]) else (None, None)
+    started = time.perf_counter()
+    probe.fit(*splits["train"], *val)
+    return time.perf_counter() - started
+
+
+def time_sweep(make, splits):
+    """Sweep + refit; returns the figures."""
     probe = make()
-    started = time.perf_counter()
-    probe.fit(X_train, y_train, *val)
-    sweep_seconds = time.perf_counter() - started
-    head = probe.to_head([str(c) for c in range(int(y_train.max()) + 1)], "bench", {})
-    single = make(grid=[probe.best_strength_])
-    started = time.perf_counter()
-    single.fit(X_train, y_train, *val)
-    single_seconds = time.perf_counter() - started
+    seconds = fit_timed(probe, splits)
+    X_test, y_test = splits["test"]
+    head = probe.to_head([str(c) for c in range(int(splits["train"][1].max()) + 1)], "bench", {})
     return {
-        "sweep_refit_seconds": sweep_seconds,
-        "single_fit_seconds": single_seconds,
+        "sweep_refit_seconds": seconds,
         "strength": probe.best_strength_,
         "test_accuracy": float((head.predict(X_test) == y_test).mean()),
         "n_iter": probe.n_iter_,
@@ -87,14 +86,22 @@ def time_trainer(make, splits):
 
 
 def compare(name, splits, device):
-    """Run both trainers on one feature set; returns ``{trainer: figures}`` plus ratios."""
+    """Both trainers' sweeps on one feature set, then both trainers' single fits (a grid of
+    one strength: one fit on train + val, from scratch) at each strength a sweep chose.
+
+    Returns ``{trainer: figures}``, ``single_fit_seconds`` (strength -> trainer -> seconds) and ratios.
+    """
     load_before = os.getloadavg()[0]
     trainers = {PIPE: functools.partial(LinearProbe, device=device), SKLEARN: SklearnProbe}
-    results = {label: time_trainer(make, splits) for label, make in trainers.items()}
+    results = {label: time_sweep(make, splits) for label, make in trainers.items()}
     pipe, sk = results[PIPE], results[SKLEARN]
+    chosen = dict.fromkeys([pipe["strength"], sk["strength"]])  # pipe's first, no repeats
+    single = {strength: {label: fit_timed(make(grid=[strength]), splits) for label, make in trainers.items()}
+              for strength in chosen}
+    results["single_fit_seconds"] = single
     results["ratios"] = {
         "sklearn_over_pipe_sweep_time": sk["sweep_refit_seconds"] / pipe["sweep_refit_seconds"],
-        "sklearn_over_pipe_single_time": sk["single_fit_seconds"] / pipe["single_fit_seconds"],
+        "sklearn_over_pipe_single_time": {s: t[SKLEARN] / t[PIPE] for s, t in single.items()},
         "accuracy_diff_pp": 100 * (pipe["test_accuracy"] - sk["test_accuracy"]),
     }
     # other work on the machine skews both timings; the load average shows how much
@@ -111,17 +118,20 @@ def describe(device):
 
 def format_table(run):
     """A text table of one :func:`compare` result."""
+    results = run["results"]
     rows = [f"== {run['features']}  train {run['shape'][0]} x {run['shape'][1]}  "
             f"(1-min load average {run['load_average'][0]:.1f} -> {run['load_average'][1]:.1f})",
-            f"{'method':40s} {'sweep+refit s':>14s} {'single fit s':>13s} {'strength':>10s} {'test acc':>9s} converged"]
-    for label, r in run["results"].items():
-        if label != "ratios":
-            rows.append(f"{label:40s} {r['sweep_refit_seconds']:14.1f} {r['single_fit_seconds']:13.1f} "
-                        f"{r['strength']:10.2e} {100 * r['test_accuracy']:8.2f}% {r['converged']}")
-    ratios = run["results"]["ratios"]
-    rows.append(f"sklearn/pipe time: sweep+refit {ratios['sklearn_over_pipe_sweep_time']:.1f}x, "
-                f"single fit {ratios['sklearn_over_pipe_single_time']:.1f}x; "
+            f"{'method':40s} {'sweep+refit s':>14s} {'strength':>10s} {'test acc':>9s} converged"]
+    for label in (PIPE, SKLEARN):
+        r = results[label]
+        rows.append(f"{label:40s} {r['sweep_refit_seconds']:14.1f} {r['strength']:10.2e} "
+                    f"{100 * r['test_accuracy']:8.2f}% {r['converged']}")
+    ratios = results["ratios"]
+    rows.append(f"sklearn/pipe sweep+refit time {ratios['sklearn_over_pipe_sweep_time']:.1f}x; "
                 f"accuracy pipe - sklearn {ratios['accuracy_diff_pp']:+.2f} pp")
+    for strength, seconds in results["single_fit_seconds"].items():
+        rows.append(f"one fit at {strength:.2e}: pipe {seconds[PIPE]:.1f} s, sklearn {seconds[SKLEARN]:.1f} s "
+                    f"({ratios['sklearn_over_pipe_single_time'][strength]:.1f}x)")
     return "\n".join(rows)
 
 
