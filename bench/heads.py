@@ -2,8 +2,8 @@
 
 On the same features, time and score the full strength sweep + refit of
 :class:`pipeline.heads.LinearProbe` and :class:`pipeline.heads.SklearnProbe` over the same
-grid, and one fit at the chosen strength (a grid of one strength: a single fit on
-train + val), on (a) a real feature file (``--features``) and
+grid, and both trainers' single fits at each strength a sweep chose (a grid of one
+strength: a single fit on train + val), on (a) a real feature file (``--features``) and
 (b) seeded synthetic features (50,000 x 2,048, 100 classes; smaller with ``--quick``).
 
     python bench/heads.py [--features cache/features.h5] [--quick] [--device cuda] [--json out.json]
