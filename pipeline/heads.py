@@ -49,10 +49,19 @@ _HEAD_KEYS = ("weight", "bias", "mean", "std", "classes", "fingerprint", "source
 # --------------------------------------------------------------------------- head file
 
 
-def _standardize(x, mean, std):
-    """Return ``x`` as float32, standardised when ``mean``/``std`` are given."""
-    x = np.asarray(x, dtype=np.float32)
-    return x if mean is None else (x - mean) / std
+def _standardize(x, mean, std, out=None):
+    """Return ``x`` as float32, standardised when ``mean``/``std`` are given.
+
+    With ``out`` (a float32 array of ``x``'s shape) the result is written there, in place.
+    """
+    if out is None:
+        x = np.asarray(x, dtype=np.float32)
+        return x if mean is None else (x - mean) / std
+    out[:] = x
+    if mean is not None:
+        out -= mean
+        out /= std
+    return out
 
 
 def _row_chunks(n_rows, size=CHUNK_ROWS):
@@ -387,11 +396,7 @@ class _SweepProbe:
         offset = 0
         for _, x, _ in parts:  # chunk by chunk into place: no full-size temporaries
             for start, stop in _row_chunks(x.shape[0]):
-                block = X[offset + start: offset + stop]
-                block[:] = x[start:stop]
-                if self.mean_ is not None:
-                    block -= self.mean_
-                    block /= self.std_
+                _standardize(x[start:stop], self.mean_, self.std_, out=X[offset + start: offset + stop])
             offset += x.shape[0]
         y = np.searchsorted(self.classes_, np.concatenate([labels for _, _, labels in parts]))
         return X, y
