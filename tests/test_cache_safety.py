@@ -6,7 +6,6 @@ SIGKILL hits the process exactly as a user's would.
 
 from __future__ import annotations
 
-import fcntl
 import signal
 import subprocess
 import sys
@@ -46,6 +45,22 @@ def run_pipe(*args, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(pipe_cmd(*args), capture_output=True, text=True, cwd=REPO, **kwargs)
 
 
+def start_pipe(*args, **kwargs) -> subprocess.Popen:
+    """``pipe`` in the background (output discarded unless ``stdout``/``stderr`` are given)."""
+    kwargs = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, **kwargs}
+    return subprocess.Popen(pipe_cmd(*args), cwd=REPO, **kwargs)
+
+
+def reused_count(stdout: str) -> int:
+    """R from the summary line ``N extracted, R reused, K skipped -> ...``."""
+    return int(stdout.split(" reused")[0].split()[-1])
+
+
+def part_files(parts: Path, pattern: str = "part-*.h5") -> list[Path]:
+    """The committed part files of an unfinished extraction (whole parts only)."""
+    return sorted(parts.glob(pattern))
+
+
 def extract_args(data: Path, out: Path, *extra) -> list[str]:
     return ["extract", str(data), "--out", str(out), *TINY, *extra]
 
@@ -77,6 +92,16 @@ def kill_when(proc: subprocess.Popen, condition, timeout: float = 120) -> bool:
     raise AssertionError("extract neither finished nor reached the kill point")
 
 
+def wait_for(proc: subprocess.Popen, condition, timeout: float = 120) -> None:
+    """Return once ``condition()`` holds while ``proc`` is still running."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("the process ended (or stalled) before the awaited point")
+        time.sleep(0.005)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An uninterrupted extraction to compare interrupted ones with."""
@@ -93,17 +118,15 @@ def test_kill_during_extraction_then_resume_equals_uninterrupted_run(tmp_path, r
     data, expected = reference
     out = tmp_path / "features.h5"
     parts = tmp_path / "features.h5.parts"
-    proc = subprocess.Popen(pipe_cmd(*extract_args(data, out, *SMALL_STEPS)), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    killed = kill_when(proc, lambda: len(list(parts.glob("part-*.h5"))) >= parts_before_kill)
+    proc = start_pipe(*extract_args(data, out, *SMALL_STEPS))
+    killed = kill_when(proc, lambda: len(part_files(parts)) >= parts_before_kill)
     assert killed, "extraction finished before the kill point; make the dataset larger"
     assert not out.exists(), "a killed first run must not leave a feature file"
-    done_before = len(list(parts.glob("part-*.h5")))
+    done_before = len(part_files(parts))
 
     result = run_pipe(*extract_args(data, out, *SMALL_STEPS))
     assert result.returncode == 0, result.stderr
-    reused = int(result.stdout.split(" reused")[0].split()[-1])
-    assert reused >= 2 * done_before, f"resume recomputed committed work: {result.stdout}"
+    assert reused_count(result.stdout) >= 2 * done_before, f"resume recomputed committed work: {result.stdout}"
     assert_same_features(feature_map(out), expected)
     assert not parts.exists(), "parts are cleaned up once committed"
 
@@ -115,10 +138,9 @@ def test_kill_while_updating_keeps_previous_file_intact(tmp_path):
     assert run_pipe(*extract_args(data, out)).returncode == 0
     before = out.read_bytes()
     make_images(data, per_class=14, seed=1, start=100)  # new images: an incremental run
-    proc = subprocess.Popen(pipe_cmd(*extract_args(data, out, *SMALL_STEPS)), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_pipe(*extract_args(data, out, *SMALL_STEPS))
     parts = tmp_path / "features.h5.parts"
-    assert kill_when(proc, lambda: len(list(parts.glob("part-*.h5"))) >= 5)
+    assert kill_when(proc, lambda: len(part_files(parts)) >= 5)
     assert out.read_bytes() == before, "the complete previous file must be untouched"
     assert len(read_features(out)) == 18
     assert run_pipe(*extract_args(data, out)).returncode == 0
@@ -126,17 +148,32 @@ def test_kill_while_updating_keeps_previous_file_intact(tmp_path):
 
 
 def test_half_written_part_and_output_from_a_killed_commit_are_ignored(tmp_path, reference):
-    """A kill inside an HDF5 write leaves a temporary file behind: it must never be read."""
+    """A kill inside an HDF5 write leaves a temporary file behind, beside whole parts: the
+    next run resumes the whole parts, never reads the half-written files, and clears the
+    half-written part away."""
     data, expected = reference
     out = tmp_path / "features.h5"
     parts = tmp_path / "features.h5.parts"
-    parts.mkdir()
-    (parts / "meta.json").write_text('{"fingerprint": "stale"}')
-    (parts / ".part-000000.h5.tmp-1234").write_bytes(b"\x89HDF\r\n\x1a\n garbage")
-    (tmp_path / ".features.h5.tmp-1234").write_bytes(b"half a file")
-    result = run_pipe(*extract_args(data, out, "--overwrite"))
+    assert kill_when(start_pipe(*extract_args(data, out, *SMALL_STEPS)), lambda: len(part_files(parts)) >= 3)
+    whole = part_files(parts)
+    truncated = whole[-1].read_bytes()[: whole[-1].stat().st_size // 2]  # an HDF5 file cut short
+    half_part = parts / f".part-r0-{999:06d}.h5.tmp-99999"
+    half_output = tmp_path / ".features.h5.tmp-99999"
+    half_part.write_bytes(truncated)
+    half_output.write_bytes(truncated)
+
+    # a run killed once it has committed a part of its own has cleared the half-written part
+    assert kill_when(start_pipe(*extract_args(data, out, *SMALL_STEPS)),
+                     lambda: len(part_files(parts)) > len(whole))
+    assert not half_part.exists(), "a half-written part outlived the next run"
+    assert all(p.exists() for p in whole), "whole parts are kept for resuming"
+    resumable = len(part_files(parts))
+
+    result = run_pipe(*extract_args(data, out))
     assert result.returncode == 0, result.stderr
+    assert reused_count(result.stdout) >= 2 * resumable, f"whole parts were not resumed: {result.stdout}"
     assert_same_features(feature_map(out), expected)
+    assert not parts.exists()
 
 
 def test_incremental_run_does_only_new_work(tmp_path):
@@ -181,18 +218,29 @@ def test_changed_settings_never_mix_into_an_existing_file(tmp_path):
         assert f["features"].dtype == np.float32
 
 
-def test_second_writer_fails_at_once_and_first_is_unaffected(tmp_path):
-    data = tmp_path / "data"
-    make_images(data, per_class=4)
-    out = tmp_path / "f.h5"
-    with open(tmp_path / "f.h5.lock", "a") as lock:  # stands in for a running extraction
-        fcntl.flock(lock, fcntl.LOCK_EX)
+def test_second_writer_fails_at_once_and_first_is_unaffected(tmp_path, reference):
+    """Two real extractions into one file: the second fails at once with one line and exit
+    status 2; the first carries on and its file holds every image with the right features."""
+    data, expected = reference
+    out = tmp_path / "features.h5"
+    parts = tmp_path / "features.h5.parts"
+    steps = ["--batch-size", "2", "--checkpoint-every", "4"]
+    first = start_pipe(*extract_args(data, out, *steps), stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(first, lambda: part_files(parts))  # it holds the lock and is mid-way
+        first.send_signal(signal.SIGSTOP)  # a slow first writer: it cannot finish before the second starts
         started = time.monotonic()
-        result = run_pipe(*extract_args(data, out))
-        assert result.returncode == 2 and "another pipe process is writing" in result.stderr
-        assert time.monotonic() - started < 30
-    assert not out.exists()
-    assert run_pipe(*extract_args(data, out)).returncode == 0
+        second = run_pipe(*extract_args(data, out, *steps), timeout=120)
+        assert time.monotonic() - started < 60
+        assert second.returncode == 2, second.stderr
+        (line,) = second.stderr.splitlines()
+        assert line.startswith(f"error: another pipe process is writing {out}") and "--out" in line
+    finally:
+        first.send_signal(signal.SIGCONT)
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    assert_same_features(feature_map(out), expected)
+    assert not parts.exists()
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE")
