@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from conftest import FAST_EXTRACT, assert_clean_error
+import h5py
+import numpy as np
+import pytest
+
+from conftest import COLOURS, FAST_EXTRACT, assert_clean_error, write_image
 
 from pipeline.evaluate import evaluate_head
 from pipeline.heads import LinearHead
@@ -26,3 +30,26 @@ def test_sklearn_head_refuses_minibatch_options(image_folder, run_cli, tmp_path)
     assert run_cli("extract", image_folder(), "--out", features, *FAST_EXTRACT).exit_code == 0
     result = run_cli("train-head", features, "--out", tmp_path / "h.pt", "--head", "sklearn", "--batch-size", "8")
     assert_clean_error(result, "batch_size")
+
+
+def test_balanced_weights_classes_inversely_to_their_frequency(image_folder, run_cli, tmp_path):
+    data = image_folder(per_class=2)
+    for n in range(2, 16):  # red: 16 images, blue and green: 2 each
+        write_image(data / "red" / f"red_{n:02d}.png", COLOURS["red"], seed=100 + n)
+    features = tmp_path / "f.h5"
+    assert run_cli("extract", data, "--out", features, *FAST_EXTRACT).exit_code == 0
+    heads = {}
+    for name, extra in (("plain", ()), ("balanced", ("--balanced",))):
+        result = run_cli("train-head", features, "--out", tmp_path / f"{name}.pt", "--grid", "1e6", *extra)
+        assert result.exit_code == 0, result.output
+        heads[name] = LinearHead.load(tmp_path / f"{name}.pt")
+    assert not heads["plain"].training["balanced"] and heads["balanced"].training["balanced"]
+    with h5py.File(features, "r") as f:
+        X, labels = f["features"][:].astype(np.float32), f["labels"][:]
+        fitted = labels[f["split"].asstr()[:] != "test"]  # one strength: a single fit on train + val
+    minority = [heads["plain"].classes.index(c) for c in ("blue", "green")]
+    # so strong a penalty leaves only the (unpenalised) bias to fit: the class frequencies, or, with
+    # each class weighted by 1 / its frequency, equal shares (2 of 3 for the two rare classes)
+    mass = {name: head.predict_proba(X)[:, minority].sum(1).mean() for name, head in heads.items()}
+    assert mass["plain"] == pytest.approx(np.isin(fitted, minority).mean(), abs=0.01), mass
+    assert mass["balanced"] == pytest.approx(2 / 3, abs=0.01), mass
