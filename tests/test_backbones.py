@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import pickle
+from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import timm
@@ -16,6 +19,7 @@ from torch import nn
 
 from pipeline.backbones import read_state_dict, rename_lite0_keys, resolve_backbone
 from pipeline.errors import PipeError
+from test_cache_safety import make_images, run_pipe
 
 SMALL = "squeezenet1_1"  # the cheapest torchvision model to build, for weight-file tests
 
@@ -226,6 +230,57 @@ def test_backbone_is_frozen_and_random_init_is_reproducible():
     assert not any(p.requires_grad for p in a.module.parameters())
     x = torch.rand(2, 3, 32, 32)
     assert torch.equal(features_of(a.module, x), features_of(b.module, x))
+
+
+# --------------------------------------------------------------------------- torchvision weights, offline
+
+DEAD_PROXY = "http://127.0.0.1:9"  # nothing listens there: any download fails at once, as offline
+
+
+def test_default_weights_missing_offline_is_one_line_naming_the_file_and_folder(tmp_path):
+    data = tmp_path / "data"
+    make_images(data, per_class=1)
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "NO_PROXY": "", "no_proxy": "",
+           **{name: DEAD_PROXY for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")}}
+    result = run_pipe("extract", str(data), "--model", "resnet18", "--out", str(tmp_path / "f.h5"), env=env)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: ") and "Traceback" not in result.stderr
+    assert "resnet18-f37072fd.pth" in line  # the file torchvision's DEFAULT (IMAGENET1K_V1) weights are in
+    assert str(tmp_path / "torch" / "hub" / "checkpoints") in line
+    assert "--weights" in line
+    assert not (tmp_path / "f.h5").exists()
+
+
+def test_v2_weights_come_from_the_hub_cache_and_resize_to_232(image_folder, run_cli, tmp_path, monkeypatch):
+    weights = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V2
+    model = random_model("mobilenet_v2", seed=5)
+    with torch.no_grad():  # BatchNorm statistics of its own, so random features neither vanish nor explode
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.momentum = None  # a plain average over the batches
+        model.train()(torch.rand(16, 3, 224, 224, generator=torch.Generator().manual_seed(0)))
+        model.eval()
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save(model.state_dict(), checkpoints / Path(weights.url).name)  # as a download would leave it
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    data = image_folder(per_class=1, size=(64, 48))
+    out = tmp_path / "f.h5"
+    result = run_cli("extract", data, "--model", "mobilenet_v2", "--weights", "IMAGENET1K_V2", "--out", out,
+                     "--workers", 0)
+    assert result.exit_code == 0, (result.output, result.exception)
+    with h5py.File(out, "r") as f:
+        transform = json.loads(f.attrs["transform"])
+        stored = dict(zip(f["paths"].asstr()[:].tolist(), f["features"][:].astype(np.float32)))
+    assert (transform["resize"], transform["crop"], transform["interpolation"]) == (232, 224, "bilinear")
+    # the features of torchvision's own eval preset and model with those weights
+    model.classifier = nn.Identity()
+    preset = weights.transforms()
+    assert len(stored) == 3
+    for path, row in stored.items():
+        expected = features_of(model, preset(Image.open(data / path).convert("RGB"))[None])[0].numpy()
+        np.testing.assert_allclose(row, expected, rtol=1e-2, atol=1e-2 * np.abs(expected).max())
 
 
 # --------------------------------------------------------------------------- efficientnet_lite0 (real weights)
