@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner, Result
 from PIL import Image
 
@@ -26,6 +27,16 @@ from pipeline.cli import main
 # seeded in pipeline.backbones, so its features are deterministic.
 FAST_BACKBONE = ("--model", "resnet18", "--weights", "none", "--image-size", "32")
 FAST_EXTRACT = (*FAST_BACKBONE, "--workers", "0", "--batch-size", "16")
+
+# Tests marked ``@pytest.mark.cuda`` run only where a CUDA GPU is (see pytest_collection_modifyitems).
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(requires_cuda)
+
 
 # Class name -> base RGB colour. Names sort in this order, so label i is COLOURS[i].
 COLOURS = {"blue": (20, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
