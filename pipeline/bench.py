@@ -43,7 +43,7 @@ from .backbones import Backbone, BackboneSpec, resolve_backbone
 from .data import ImageFiles
 from .scan import display_path, scan_image_folder
 from .errors import PipeError
-from .extract import resolve_device
+from .devices import resolve_device
 
 STRATEGIES = ("finetune", "frozen_online", "cached")
 STRATEGY_LABELS = {"finetune": "fine-tune", "frozen_online": "frozen, online", "cached": "cached (pipe)"}

@@ -15,6 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import __version__
+from .devices import default_workers, resolve_device
 from .errors import PipeError
 from .scan import DEFAULT_SPLIT_FRACTIONS, display_path, scan_image_folder
 from .store import FEATURE_DTYPES, ExtractionCache, Rows, is_up_to_date
@@ -42,25 +43,6 @@ class ExtractSummary:
     @property
     def images_per_second(self) -> float:
         return self.extracted / self.seconds if self.seconds else 0.0
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when present; asking for an absent CUDA is a clear error."""
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PipeError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise PipeError(f"unknown device {device!r}; use auto, cpu or cuda") from None
-
-
-def default_workers() -> int:
-    """DataLoader workers: one per available core, at most 8."""
-    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 class FeatureExtractor:

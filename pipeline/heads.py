@@ -32,7 +32,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
 from pipeline.errors import PipeError
-from pipeline.extract import resolve_device
+from pipeline.devices import resolve_device
 
 HEAD_FORMAT = "pipe-head"
 HEAD_VERSION = 1

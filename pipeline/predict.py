@@ -13,7 +13,8 @@ from .backbones import resolve_backbone
 from .data import EvalTransform, ImageFiles
 from .scan import IMAGE_EXTENSIONS
 from .errors import PipeError
-from .extract import FeatureExtractor, resolve_device
+from .devices import resolve_device
+from .extract import FeatureExtractor
 from .heads import LinearHead
 
 
