@@ -244,7 +244,7 @@ def info(file, show_failed):
               help="List every timm architecture (timm:NAME), not only those in the Hugging Face cache.")
 def models(family, offline, include_timm):
     """List the backbones --model accepts: feature dim, input size, offline weights."""
-    from .catalog import catalog
+    from .backbones.catalog import catalog
 
     entries = catalog(family, offline, include_timm)
     rows = [("name", "family", "dim", "input", "offline weights")]

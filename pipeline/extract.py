@@ -157,7 +157,7 @@ def extract_features(
             raise PipeError(f"{len(failed)} image(s) could not be read (first: {path}: {reason}); "
                             "fix or remove them, or drop --strict (progress so far is kept)")
         attrs = {
-            "classes": manifest.classes, "model": spec.name, "weights": spec.weights, "weights_id": spec.weights_id,
+            "classes": manifest.classes, "model": spec.name, "weights": spec.weights.given, "weights_id": spec.weights.id,
             "transform": spec.transform.to_dict(), "identity": spec.identity, "fingerprint": spec.fingerprint,
             "dtype": dtype, "pipe_version": __version__, "data_root": str(Path(data_root).resolve()),
             "split_seed": seed, "split_fractions": list(split_fractions), "given_splits": manifest.given_splits,

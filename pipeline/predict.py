@@ -51,7 +51,7 @@ def backbone_for_head(head: LinearHead):
                             tta=identity.get("tta"), full_decode=identity.get("decode") == "full")
     spec = dataclasses.replace(spec, transform=EvalTransform.from_dict(source["transform"]))
     if spec.fingerprint != head.fingerprint:
-        raise PipeError(f"the backbone {spec.name} with weights {spec.weights} now gives features "
+        raise PipeError(f"the backbone {spec.name} with weights {spec.weights.given} now gives features "
                         f"{spec.fingerprint}, but the head was trained on {head.fingerprint}; "
                         "were the weights changed? Re-extract and retrain")
     return spec.build()

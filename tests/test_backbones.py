@@ -14,7 +14,9 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from pipeline.backbones import read_state_dict, rename_lite0_keys, resolve_backbone
+from pipeline.backbones import resolve_backbone
+from pipeline.backbones.packaged import rename_lite0_keys
+from pipeline.backbones.weights import read_state_dict
 from pipeline.errors import PipeError
 
 SMALL = "squeezenet1_1"  # the cheapest torchvision model to build, for weight-file tests
