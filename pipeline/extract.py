@@ -163,14 +163,13 @@ def extract_features(
             "split_seed": seed, "split_fractions": list(split_fractions), "given_splits": manifest.given_splits,
             "request": request, **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {}),
         }
-        written, failed_in_output = group.leader_then_all(
-            lambda: (cache.commit(rows, labels, split, attrs), cache.failed_in_output))
+        committed = group.leader_then_all(lambda: cache.commit(rows, labels, split, attrs))
     finally:
         cache.release()
         group.close()
     return ExtractSummary(out=Path(out), total=len(rows.paths), extracted=len(todo) - len(failed),
-                          reused=len(rows.paths) - len(todo), failed=failed_in_output,
-                          seconds=time.perf_counter() - started, written=written, rank=group.rank)
+                          reused=len(rows.paths) - len(todo), failed=committed.failed,
+                          seconds=time.perf_counter() - started, written=committed.written, rank=group.rank)
 
 
 def _request(model, weights, image_size, dtype, layer, pool, tta, full_decode) -> dict:
