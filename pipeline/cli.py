@@ -78,6 +78,21 @@ def _load_config(ctx: click.Context, param, value):
     return value
 
 
+def backbone_options(command):
+    """``--model``, ``--weights`` and ``--image-size``: declared once for every command that builds a backbone."""
+    options = [
+        click.option("--model", default="efficientnet_lite0", show_default=True, help="Backbone name (see `pipe models`)."),
+        click.option("--weights", default="DEFAULT", show_default=True,
+                     help="DEFAULT, a weights enum name (IMAGENET1K_V2), a state_dict file, or none."),
+        click.option("--image-size", default=None, type=int, help="Crop size, overriding the weights' transform."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+device_option = click.option("--device", default="auto", show_default=True,
+                             help="auto (CUDA when present), cpu or cuda.")
 config_option = click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
                              callback=_load_config, help="TOML preset; its [command] table sets defaults.")
 
@@ -94,14 +109,11 @@ def main(ctx, quiet, debug):
 
 @main.command()
 @click.argument("data", type=click.Path(file_okay=False))
-@click.option("--model", default="efficientnet_lite0", show_default=True, help="Backbone name (see `pipe models`).")
-@click.option("--weights", default="DEFAULT", show_default=True,
-              help="DEFAULT, a weights enum name (IMAGENET1K_V2), a state_dict file, or none.")
+@backbone_options
 @click.option("--out", default=DEFAULT_FEATURES, show_default=True, type=click.Path(dir_okay=False))
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--workers", default=None, type=int, help="DataLoader workers [default: CPU cores, at most 8].")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--image-size", default=None, type=int, help="Crop size, overriding the weights' transform.")
+@device_option
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
               help="Storage dtype of the features.")
 @click.option("--split-fractions", default="0.7,0.15,0.15", show_default=True, type=FloatList(),
@@ -163,7 +175,7 @@ def merge(shards, out, overwrite):
 @click.option("--grid", default=None, type=FloatList(), help="L2 strengths to sweep [default: 16-point log grid].")
 @click.option("--balanced", is_flag=True, help="Weight classes inversely to their frequency.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (linear head).")
+@device_option
 @click.option("--max-iter", default=None, type=int, help="L-BFGS iterations per fit [default: 100 linear, 1000 sklearn].")
 @click.option("--tol", default=None, type=float, help="Stop when the largest gradient entry is below this [1e-4].")
 @click.option("--batch-size", default=None, type=int,
@@ -212,7 +224,7 @@ def evaluate(features, head, split, json_path):
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("--head", default=DEFAULT_HEAD, show_default=True, type=click.Path(dir_okay=False))
 @click.option("--topk", default=3, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True)
+@device_option
 @click.option("--batch-size", default=32, show_default=True, type=int)
 @config_option
 def predict(inputs, head, topk, device, batch_size):
@@ -258,10 +270,8 @@ def models(family, offline, include_timm):
 
 @main.command()
 @click.argument("data", type=click.Path(file_okay=False))
-@click.option("--model", default="efficientnet_lite0", show_default=True, help="Backbone name (see `pipe models`).")
-@click.option("--weights", default="DEFAULT", show_default=True, help="DEFAULT, an enum name, a state_dict file, or none.")
+@backbone_options
 @click.option("--epochs", default=3, show_default=True, type=int, help="Epochs for every strategy.")
-@click.option("--image-size", default=None, type=int, help="Crop size, overriding the weights' transform.")
 @click.option("--limit", default=None, type=int, help="At most N training images (class-balanced, seeded).")
 @click.option("--batch-size", default=32, show_default=True, type=int)
 @click.option("--lr", default=0.01, show_default=True, type=float, help="SGD learning rate (momentum 0.9, cosine).")
@@ -269,11 +279,12 @@ def models(family, offline, include_timm):
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the results as JSON.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Plot accuracy vs time (needs matplotlib; evaluates after every epoch).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@device_option
 @click.pass_obj
 def bench(obj, data, limit, json_path, plot_path, **settings):
     """Time fine-tuning vs frozen-online vs cached features on DATA, side by side."""
-    from .bench import BenchSettings, format_benchmark, plot_benchmark, run_benchmark
+    from .benchmark import run_benchmark
+    from .benchmark_results import BenchSettings, format_benchmark, plot_benchmark
 
     result = run_benchmark(data, BenchSettings(**settings), limit=limit, track_curve=plot_path is not None,
                            progress=not obj["quiet"])

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from pipeline.backbones import resolve_backbone
-from pipeline.bench import (JSON_KEYS, STRATEGIES, BenchSettings, balanced_subset, batch_indices, count_parameters,
-                            format_benchmark, prepare_model, run_benchmark)
+from pipeline.benchmark import balanced_subset, batch_indices, count_parameters, prepare_model, run_benchmark
+from pipeline.benchmark_results import JSON_KEYS, STRATEGIES, BenchSettings, format_benchmark
 
 from conftest import FAST_BACKBONE, assert_clean_error, make_image_folder
 
@@ -111,10 +111,10 @@ def test_isolated_strategy_runs_in_a_spawned_process(tiny_data):
 
 
 def test_cli_bench_writes_json(tiny_data, run_cli, tmp_path, monkeypatch):
-    import pipeline.bench
+    import pipeline.benchmark
 
     # one process for speed: the spawned path is covered by the test above (torch import per child)
-    monkeypatch.setattr(pipeline.bench, "run_benchmark", partial(pipeline.bench.run_benchmark, isolate=False))
+    monkeypatch.setattr(pipeline.benchmark, "run_benchmark", partial(pipeline.benchmark.run_benchmark, isolate=False))
     out = tmp_path / "bench.json"
     result = run_cli("bench", tiny_data, *FAST_BACKBONE, "--epochs", 1, "--batch-size", 8, "--json", out)
     assert result.exit_code == 0, (result.output, result.exception)

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -265,7 +265,7 @@ def merge_feature_files(inputs, out, overwrite: bool = False) -> FeatureSet:
     for (a, i, _), (b, j, _) in zip(rows, rows[1:]):
         if a == b:
             raise PipeError(f"{a} is in both {shards[i].path} and {shards[j].path}: shards must not overlap")
-    pick = lambda field: np.array([getattr(shards[i], field)[row] for _, i, row in rows])  # noqa: E731
+    pick = lambda column: np.array([getattr(shards[i], column)[row] for _, i, row in rows])  # noqa: E731
     failed = sorted((p, e) for s in shards for p, e in zip(s.failed_paths, s.failed_errors))
     new = FileRows([p for p, _, _ in rows], pick("size"), pick("mtime_ns"), pick("labels"), pick("split").astype(str),
                    first.classes, [p for p, _ in failed], [e for _, e in failed])
