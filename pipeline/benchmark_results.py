@@ -18,8 +18,6 @@ from .errors import PipeError
 STRATEGIES = ("finetune", "frozen_online", "cached")
 STRATEGY_LABELS = {"finetune": "fine-tune", "frozen_online": "frozen, online", "cached": "cached (pipe)"}
 MOMENTUM = 0.9
-JSON_KEYS = ("trainable_params", "total_params", "seconds_per_epoch", "total_seconds", "peak_memory_mb",
-             "test_accuracy")
 
 
 @dataclass(frozen=True)

@@ -259,7 +259,7 @@ def chelsea_batch():
 def test_packaged_lite0_classifies_chelsea_as_a_cat(chelsea_batch):
     spec, x = chelsea_batch
     assert x.shape == (1, 3, 224, 224)
-    classifier = spec.build_classifier()
+    classifier = spec.weights.load().eval()
     with torch.inference_mode():
         logits = classifier(x)
     assert logits.shape == (1, 1000)

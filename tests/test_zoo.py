@@ -152,7 +152,7 @@ def test_layer_gives_the_documented_dim(name):
 
 def test_layer_features_are_the_average_pooled_layer_output():
     spec = resolve_backbone("resnet18", "none", 32, layer="layer3")
-    full = resolve_backbone("resnet18", "none", 32).build_classifier()
+    full = resolve_backbone("resnet18", "none", 32).weights.load().eval()
     x = torch.rand(2, 3, 32, 32)
     with torch.inference_mode():
         h = full.maxpool(full.relu(full.bn1(full.conv1(x))))

@@ -88,10 +88,6 @@ class BackboneSpec:
     def fingerprint(self) -> str:
         return fingerprint_of(self.identity)
 
-    def build_classifier(self) -> nn.Module:
-        """The full classification model with its original head, weights loaded, eval mode."""
-        return self.family.classifier(self).eval()
-
     def build(self, device: str | torch.device | None = None) -> Backbone:
         """The frozen feature extractor: pooled pre-logits (classifier replaced by the identity),
         or the pooled output of ``layer``; averaged with the mirror image for ``tta='hflip'``.
@@ -165,10 +161,6 @@ class Family:
     def feature_module(self, spec: BackboneSpec, device) -> Features:
         """The feature module for ``spec`` (``device='meta'``: structure only), checking its
         ``layer`` and ``pool``."""
-        raise NotImplementedError
-
-    def classifier(self, spec: BackboneSpec) -> nn.Module:
-        """The classification model with its own head and ``spec``'s weights."""
         raise NotImplementedError
 
     def catalog(self, wanted: Callable[[str, str], bool], everything: bool) -> Iterator[CatalogEntry]:

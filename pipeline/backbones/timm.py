@@ -249,9 +249,6 @@ class TimmFamily(Family):
             return create_on_meta(self.arch(spec.name), cached=False, **kwargs)  # the caller may modify it
         return spec.weights.load(**kwargs)
 
-    def classifier(self, spec) -> nn.Module:
-        return self._create(spec, None)
-
     def feature_module(self, spec, device) -> Features:
         if spec.layer:
             layers = feature_layers(self._structure(spec))

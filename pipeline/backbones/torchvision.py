@@ -150,14 +150,11 @@ class TorchvisionFamily(Family):
         otherwise it follows the crop."""
         return {"image_size": spec.transform.crop} if _is_vit(spec.name) and not spec.weights.fixed_size else {}
 
-    def classifier(self, spec) -> nn.Module:
-        return spec.weights.load(**self._size_kwargs(spec))
-
     def _model_on(self, spec, device) -> nn.Module:
         """The classifier with spec's weights, or, on the meta device, its weightless structure
         (on the CPU for the few architectures whose construction needs real tensors, e.g. RegNet)."""
         if not is_meta(device):
-            return self.classifier(spec)
+            return spec.weights.load(**self._size_kwargs(spec))
         kwargs = {"image_size": spec.transform.crop} if _is_vit(spec.name) else {}
         try:
             with torch.device("meta"):
