@@ -1,0 +1,355 @@
+"""The probes: trainers that fit a :class:`~pipeline.heads.head_file.LinearHead` on features.
+
+Both follow the published linear-probe recipe (:class:`_SweepProbe`): sweep the L2 strength
+over a log grid, pick the best by validation accuracy, refit on train + val.
+:class:`LinearProbe` (torch) trains the whole grid as one batched problem
+(:mod:`pipeline.heads.multinomial`), or on streamed mini-batches; :class:`SklearnProbe` is the
+scikit-learn baseline. :func:`make_probe` builds either by name.
+
+The L2 strength ``lambda`` is weight decay on the mean cross-entropy::
+
+    loss(W, b) = mean_i CE_i + lambda / 2 * ||W||^2        (bias unpenalised)
+
+which is scikit-learn's objective with ``C = 1 / (lambda * n_train)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+import warnings
+
+import numpy as np
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+
+from pipeline.devices import resolve_device
+from pipeline.errors import PipeError
+from pipeline.heads.features import (
+    CHUNK_ROWS, accuracies, check_split, class_weights, feature_stats, holdout, row_chunks, standardize,
+)
+from pipeline.heads.head_file import LinearHead
+from pipeline.heads.lbfgs import CONVERGED, LINE_SEARCH, MAX_ITER
+from pipeline.heads.multinomial import FeatureSpectrum, fit_multinomial
+
+DEFAULT_GRID = tuple(float(s) for s in np.logspace(-6, 0, 16))
+PATIENCE_EPOCHS = 3
+
+
+class _SweepProbe:
+    """Shared recipe: sweep the L2 strength, select on validation accuracy, refit.
+
+    Subclasses implement ``_fit_grid`` (one model per strength, on train) and
+    ``_fit_one`` (one model at the chosen strength, on train + val). Learned attributes:
+    ``weight_`` (C, D), ``bias_`` (C,), ``mean_``/``std_`` (D,) or None, ``classes_``
+    (class indices seen in train), ``best_strength_``, ``grid_scores_`` (list of
+    ``(strength, val_accuracy)``), ``n_iter_`` (optimiser iterations), ``stop_`` (why each
+    optimiser stopped: ``{"sweep": [reason, ...], "refit": reason}`` with the reasons of
+    :mod:`pipeline.heads.lbfgs`), ``converged_`` (every reason in ``stop_`` is "converged";
+    the mini-batch path runs whole epochs and records no reasons, so it is True there),
+    ``n_train_``, ``n_val_``, ``fit_seconds_``.
+    """
+
+    trainer = ""
+
+    def __init__(self, *, grid, balanced, seed, max_iter, tol, standardize):
+        self.grid = grid
+        self.balanced = balanced
+        self.seed = seed
+        self.max_iter = max_iter
+        self.tol = tol
+        self.standardize = standardize
+
+    def fit(self, X_train, y_train, X_val=None, y_val=None):
+        """Train on ``(X_train, y_train)``, selecting the strength on ``(X_val, y_val)``.
+
+        ``X_*`` are (N, D) float arrays or any 2-D array-like with ``.shape`` and row
+        slicing (an ``h5py.Dataset``, a :class:`RowSubset`); ``y_*`` are int class indices.
+        Without a validation split, a seeded stratified 20% of train is held out for
+        selection and the refit uses all of train. A grid of one strength needs no
+        selection: the model is fitted once, on train + val, and ``grid_scores_`` is empty.
+        Returns ``self``.
+        """
+        started = time.perf_counter()
+        self.grid_ = [float(s) for s in (DEFAULT_GRID if self.grid is None else self.grid)]
+        if not self.grid_ or not all(np.isfinite(s) and s > 0 for s in self.grid_):
+            raise PipeError(f"L2 strengths must be positive numbers, got {self.grid_}")
+        selecting = len(self.grid_) > 1
+        y_train = check_split(X_train, y_train, "train")
+        if (X_val is None) != (y_val is None):
+            raise PipeError("give both validation features and labels, or neither")
+        if X_val is None and selecting:
+            (X_train, y_train), (X_val, y_val) = holdout(X_train, y_train, self.seed)
+        parts = [("train", X_train, y_train)]
+        if X_val is not None:
+            parts.append(("val", X_val, check_split(X_val, y_val, "val")))
+            if X_val.shape[1] != X_train.shape[1]:
+                raise PipeError(f"train features have {X_train.shape[1]} dimensions but val has {X_val.shape[1]}")
+        self.classes_ = np.unique(y_train)
+        if len(self.classes_) < 2:
+            raise PipeError(
+                f"train-head needs at least 2 classes in the train split, found {len(self.classes_)}"
+            )
+        unseen = np.setdiff1d(np.unique(parts[-1][2]), self.classes_)
+        if len(unseen):
+            raise PipeError(f"classes {unseen.tolist()} appear in val but not in train; add train images")
+        mean, std = feature_stats(parts)  # also the finiteness check, so always computed
+        self.mean_, self.std_ = (mean, std) if self.standardize else (None, None)
+        self.n_train_, self.n_val_ = len(y_train), sum(len(labels) for _, _, labels in parts[1:])
+        self.n_iter_, self.stop_ = {}, {}
+
+        if selecting:
+            X_val, y_val = parts[1][1:]
+            grid_weights, grid_biases = self._fit_grid(parts[:1], val=(X_val, y_val))
+            scores = accuracies(grid_weights, grid_biases, X_val, y_val, self.mean_, self.std_)
+            # ties go to the strongest penalty, the simplest model
+            best = max(range(len(scores)), key=lambda k: (scores[k], self.grid_[k]))
+            self.grid_scores_ = [(s, float(a)) for s, a in zip(self.grid_, scores)]
+            init = (grid_weights[best], grid_biases[best])
+        else:  # one strength: nothing to choose, so a single fit on train + val
+            best, init, self.grid_scores_ = 0, None, []
+        self.best_strength_ = self.grid_[best]
+        self.weight_, self.bias_ = self._fit_one(parts, best, init)
+        reasons = self.stop_.get("sweep", []) + ([self.stop_["refit"]] if "refit" in self.stop_ else [])
+        self.converged_ = all(reason == CONVERGED for reason in reasons)
+        self.fit_seconds_ = time.perf_counter() - started
+        return self
+
+    def to_head(self, classes, fingerprint, source):
+        """The fitted model as a :class:`LinearHead` over ``classes`` (all class names).
+
+        Classes absent from train get zero weight and a bias of -inf: never predicted.
+        """
+        if len(classes) <= self.classes_.max():
+            raise PipeError(f"labels go up to {self.classes_.max()} but only {len(classes)} class names were given")
+        weight = np.zeros((len(classes), self.weight_.shape[1]), dtype=np.float32)
+        bias = np.full(len(classes), -np.inf, dtype=np.float32)
+        weight[self.classes_], bias[self.classes_] = self.weight_, self.bias_
+        training = {
+            "trainer": self.trainer,
+            "strength": self.best_strength_,
+            "grid_scores": [list(pair) for pair in self.grid_scores_],
+            "seconds": round(self.fit_seconds_, 3),
+            "n_train": self.n_train_,
+            "n_val": self.n_val_,
+            "seed": self.seed,
+            "balanced": self.balanced,
+            "standardize": self.standardize,
+            "n_iter": self.n_iter_,
+            "converged": self.converged_,
+            "stop": self.stop_,
+        }
+        return LinearHead(weight, bias, self.mean_, self.std_, list(classes), fingerprint, dict(source), training)
+
+    def _encoded(self, parts):
+        """Standardised float32 features and class positions (into ``classes_``) of ``parts``."""
+        X = np.empty((sum(x.shape[0] for _, x, _ in parts), parts[0][1].shape[1]), dtype=np.float32)
+        offset = 0
+        for _, x, _ in parts:  # chunk by chunk into place: no full-size temporaries
+            for start, stop in row_chunks(x.shape[0]):
+                standardize(x[start:stop], self.mean_, self.std_, out=X[offset + start: offset + stop])
+            offset += x.shape[0]
+        y = np.searchsorted(self.classes_, np.concatenate([labels for _, _, labels in parts]))
+        return X, y
+
+    def _fit_grid(self, parts, val):
+        """One model per strength of ``grid_`` on ``parts`` (train): weights (K, C, D), biases (K, C)."""
+        raise NotImplementedError
+
+    def _fit_one(self, parts, index, init):
+        """One model at ``grid_[index]`` on ``parts`` (train + val), from ``init`` (a sweep's
+        weight and bias) or None: weight (C, D), bias (C,)."""
+        raise NotImplementedError
+
+
+class LinearProbe(_SweepProbe):
+    """Torch linear probe: the whole strength grid is trained at once, in one batched computation.
+
+    Full batch (default): features are moved to ``device`` once and the K grid points
+    are trained together by a batched L-BFGS (:func:`~pipeline.heads.multinomial.fit_multinomial`):
+    one (D, K*C) matrix product per evaluation serves every model, while each model keeps
+    its own curvature history and step length and stops on scikit-learn's rule (largest
+    gradient entry <= ``tol``, at most ``max_iter`` iterations). Its initial inverse Hessian
+    is the exact one at the start (:class:`~pipeline.heads.multinomial.Preconditioner`),
+    which cuts the iterations several-fold on real features. The refit starts from the
+    chosen grid solution.
+
+    Mini-batch (``batch_size`` set, or features not an in-memory ndarray such as an
+    ``h5py.Dataset``): contiguous row chunks are streamed, the K models trained together
+    with Adam (learning rate ``lr``) for up to ``max_epochs``, each kept at its best
+    validation epoch (early stopping after ``PATIENCE_EPOCHS`` epochs without any
+    improvement); the refit trains from scratch on train + val for the chosen model's
+    best epoch count (learned ``best_epochs_``). Memory is bounded by the chunk size.
+    """
+
+    trainer = "linear"
+
+    def __init__(self, *, grid=None, balanced=False, seed=0, device="auto", max_iter=100, tol=1e-4,
+                 standardize=True, batch_size=None, max_epochs=30, lr=1e-2):
+        super().__init__(grid=grid, balanced=balanced, seed=seed, max_iter=max_iter, tol=tol,
+                         standardize=standardize)
+        self.device = device
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.lr = lr
+
+    def _streaming(self, parts):
+        return self.batch_size is not None or not all(isinstance(x, np.ndarray) for _, x, _ in parts)
+
+    def _fit_grid(self, parts, val):
+        if self._streaming(parts):
+            weights, biases, self.best_epochs_ = self._adam(parts, self.grid_, self.max_epochs, val)
+            self.n_iter_["sweep_epochs"] = self.best_epochs_.tolist()
+            return weights, biases
+        X, y = self._encoded(parts)
+        weights, biases, self.n_iter_["sweep"], self.stop_["sweep"] = self._lbfgs(X, y, self.grid_, init=None)
+        return weights, biases
+
+    def _fit_one(self, parts, index, init):
+        strength = [self.grid_[index]]
+        if self._streaming(parts):
+            epochs = self.max_epochs if init is None else max(int(self.best_epochs_[index]), 1)
+            weights, biases, _ = self._adam(parts, strength, epochs, val=None)
+            self.n_iter_["refit_epochs"] = epochs
+        else:
+            X, y = self._encoded(parts)
+            start = None if init is None else (init[0][None], init[1][None])
+            weights, biases, n_iter, stop = self._lbfgs(X, y, strength, init=start)
+            self.n_iter_["refit"], self.stop_["refit"] = n_iter[0], stop[0]
+        return weights[0], biases[0]
+
+    def _lbfgs(self, X, y, strengths, init):
+        """Fit one model per strength with batched, preconditioned L-BFGS.
+
+        Returns weights (K, C, D), biases (K, C), the iterations each model took and why
+        it stopped. A fit from scratch measures the feature spectrum behind the
+        preconditioner; a refit started from a sweep's solution (``init``) reuses the sweep's.
+        """
+        device = resolve_device(self.device)
+        n_classes = len(self.classes_)
+        X_t = torch.from_numpy(X).to(device)
+        y_t = torch.from_numpy(y).to(device)
+        if init is None:
+            self._spectrum = FeatureSpectrum(X_t, seed=self.seed)
+        sw = torch.from_numpy(class_weights(y, n_classes, self.balanced)[y] / len(y)).to(device)
+        lam = torch.tensor(strengths, dtype=torch.float32, device=device)
+        if init is None:
+            params = torch.zeros(len(strengths), X.shape[1] + 1, n_classes, device=device)
+        else:  # rows 0..D-1 hold W (K, D, C), the last row the bias
+            weight, bias = init
+            params = torch.from_numpy(np.concatenate([weight.transpose(0, 2, 1), bias[:, None]], axis=1)).to(device)
+        result = fit_multinomial(X_t, y_t, sw, lam, params, self._spectrum, max_iter=self.max_iter, tol=self.tol)
+        params = result.params.cpu().numpy()
+        return np.ascontiguousarray(params[:, :-1].transpose(0, 2, 1)), params[:, -1], result.n_iter, result.stop
+
+    def _adam(self, parts, strengths, epochs, val):
+        """Mini-batch training of K models over streamed chunks; returns weights, biases, best epochs."""
+        device = resolve_device(self.device)
+        n_classes, n_dims, n_models = len(self.classes_), parts[0][1].shape[1], len(strengths)
+        labels = np.searchsorted(self.classes_, np.concatenate([y for _, _, y in parts]))
+        class_weight = torch.from_numpy(class_weights(labels, n_classes, self.balanced)).to(device)
+        lam = torch.tensor(strengths, dtype=torch.float32, device=device)
+        generator = torch.Generator().manual_seed(self.seed)
+        weight = torch.zeros(n_models, n_dims, n_classes, device=device, requires_grad=True)
+        bias = torch.zeros(n_models, n_classes, device=device, requires_grad=True)
+        optimizer = torch.optim.Adam([weight, bias], lr=self.lr)
+        batch = self.batch_size or CHUNK_ROWS
+        chunks = [(X, y, start, stop) for _, X, y in parts for start, stop in row_chunks(X.shape[0], batch)]
+        best_acc = np.full(n_models, -1.0)
+        best_epoch = np.zeros(n_models, dtype=np.int64)
+        best_w, best_b = np.zeros((n_models, n_classes, n_dims), np.float32), np.zeros((n_models, n_classes), np.float32)
+        for epoch in range(1, epochs + 1):
+            for i in torch.randperm(len(chunks), generator=generator).tolist():
+                X, y, start, stop = chunks[i]
+                x = torch.from_numpy(standardize(X[start:stop], self.mean_, self.std_)).to(device)
+                target = torch.from_numpy(np.searchsorted(self.classes_, y[start:stop])).to(device)
+                logits = torch.einsum("nd,kdc->nkc", x, weight) + bias
+                ce = torch.nn.functional.cross_entropy(
+                    logits.permute(0, 2, 1), target[:, None].expand(-1, n_models),
+                    weight=class_weight, reduction="none").mean(0)
+                loss = (ce + lam / 2 * weight.square().sum((1, 2))).sum()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            current_w = weight.detach().transpose(1, 2).cpu().numpy()
+            current_b = bias.detach().cpu().numpy()
+            if val is None:
+                best_w, best_b = current_w, current_b
+                continue
+            acc = accuracies(current_w, current_b, val[0], np.searchsorted(self.classes_, val[1]), self.mean_, self.std_)
+            improved = acc > best_acc
+            best_acc[improved], best_epoch[improved] = acc[improved], epoch
+            best_w[improved], best_b[improved] = current_w[improved], current_b[improved]
+            if epoch - best_epoch.max() >= PATIENCE_EPOCHS:
+                break
+        return best_w, best_b, best_epoch
+
+
+class SklearnProbe(_SweepProbe):
+    """The scikit-learn baseline: one ``LogisticRegression(solver="lbfgs")`` per strength.
+
+    Strength ``lambda`` maps to ``C = 1 / (lambda * n)`` (``n`` rows being fitted), the
+    same objective as :class:`LinearProbe`. Features must fit in memory. A fit that
+    scikit-learn reports as not converged stopped at ``max_iter`` or, with fewer
+    iterations, in its line search.
+    """
+
+    trainer = "sklearn"
+
+    def __init__(self, *, grid=None, balanced=False, seed=0, max_iter=1000, tol=1e-4, standardize=True):
+        super().__init__(grid=grid, balanced=balanced, seed=seed, max_iter=max_iter, tol=tol,
+                         standardize=standardize)
+
+    def _fit_grid(self, parts, val):
+        X, y = self._encoded(parts)
+        fits = [self._logistic(X, y, strength) for strength in self.grid_]
+        self.n_iter_["sweep"] = [n_iter for _, _, n_iter, _ in fits]
+        self.stop_["sweep"] = [stop for _, _, _, stop in fits]
+        return np.stack([w for w, _, _, _ in fits]), np.stack([b for _, b, _, _ in fits])
+
+    def _fit_one(self, parts, index, init):
+        X, y = self._encoded(parts)
+        weight, bias, self.n_iter_["refit"], self.stop_["refit"] = self._logistic(X, y, self.grid_[index])
+        return weight, bias
+
+    def _logistic(self, X, y, strength):
+        """Fit one model at ``strength``; returns multinomial (C, D), (C,), iterations and
+        why it stopped.
+
+        With two classes scikit-learn fits a binary model ``w``; the multinomial model
+        with the same penalty is ``[-w/2, w/2]``, which needs ``C = 2 / (lambda * n)``.
+        """
+        binary = len(self.classes_) == 2
+        model = LogisticRegression(
+            C=(2.0 if binary else 1.0) / (strength * len(y)), solver="lbfgs",
+            max_iter=self.max_iter, tol=self.tol, class_weight="balanced" if self.balanced else None,
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)  # reported via stop_ and converged_
+            model.fit(X, y)
+        for warning in caught:  # pass the others on
+            if not issubclass(warning.category, ConvergenceWarning):
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+        n_iter = int(np.max(model.n_iter_))
+        stop = CONVERGED
+        if any(issubclass(warning.category, ConvergenceWarning) for warning in caught):
+            stop = MAX_ITER if n_iter >= self.max_iter else LINE_SEARCH
+        weight, bias = model.coef_.astype(np.float32), model.intercept_.astype(np.float32)
+        if binary:
+            weight, bias = np.concatenate([-weight, weight]) / 2, np.concatenate([-bias, bias]) / 2
+        return weight, bias, n_iter, stop
+
+
+PROBES = {"linear": LinearProbe, "sklearn": SklearnProbe}
+
+
+def make_probe(kind, **params):
+    """Build the trainer named ``kind`` ("linear" or "sklearn") with its parameters."""
+    if kind not in PROBES:
+        raise PipeError(f"unknown head trainer {kind!r}; choose one of {', '.join(PROBES)}")
+    accepted = inspect.signature(PROBES[kind]).parameters
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise PipeError(f"head trainer {kind!r} does not take {', '.join(unknown)}")
+    return PROBES[kind](**params)
