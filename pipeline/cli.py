@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import click
@@ -15,11 +16,34 @@ DEFAULT_FEATURES = "cache/features.h5"
 DEFAULT_HEAD = "cache/head.pt"
 DEFAULT_METRICS = "cache/metrics.json"
 
+POSITIVE = click.IntRange(min=1)
+SEED = click.IntRange(0, 2**32 - 1)  # what numpy, torch and scikit-learn all accept
+MAX_WORKERS = 128  # DataLoader processes; more would only exhaust the machine
+MAX_IMAGE_SIZE = 4096
+
+
+class FiniteFloat(click.FloatRange):
+    """A float in a range that is also finite: ``nan`` and ``inf`` are usage errors."""
+
+    name = "number"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
+
 
 class FloatList(click.ParamType):
-    """Comma-separated numbers on the command line, or a list in a TOML preset."""
+    """Comma-separated finite numbers on the command line, or a list in a TOML preset.
+
+    ``minimum`` (exclusive when ``positive``) and ``maximum`` bound every number; ``count``
+    fixes how many there must be."""
 
     name = "floats"
+
+    def __init__(self, minimum=None, maximum=None, positive=False, count=None):
+        self.minimum, self.maximum, self.positive, self.count = minimum, maximum, positive, count
 
     def convert(self, value, param, ctx):
         if isinstance(value, (list, tuple)):
@@ -27,9 +51,19 @@ class FloatList(click.ParamType):
         else:
             items = [v for v in str(value).split(",") if v.strip()]
         try:
-            return tuple(float(v) for v in items)
+            numbers = tuple(float(v) for v in items)
         except (TypeError, ValueError):
             self.fail(f"expected comma-separated numbers, got {value!r}", param, ctx)
+        if not numbers or (self.count is not None and len(numbers) != self.count):
+            self.fail(f"expected {self.count or 'at least one'} comma-separated number(s), got {value!r}", param, ctx)
+        for number in numbers:
+            low = self.minimum is not None and (number <= self.minimum if self.positive else number < self.minimum)
+            if not math.isfinite(number) or low or (self.maximum is not None and number > self.maximum):
+                bound = f"{'above' if self.positive else 'at least'} {self.minimum:g}" if self.minimum is not None else ""
+                if self.maximum is not None:
+                    bound += f"{' and ' if bound else ''}at most {self.maximum:g}"
+                self.fail(f"every number must be finite{', ' + bound if bound else ''}; got {value!r}", param, ctx)
+        return numbers
 
 
 class Shard(click.ParamType):
@@ -84,7 +118,7 @@ def backbone_options(command):
         click.option("--model", default="efficientnet_lite0", show_default=True, help="Backbone name (see `pipe models`)."),
         click.option("--weights", default="DEFAULT", show_default=True,
                      help="DEFAULT, a weights enum name (IMAGENET1K_V2), a state_dict file, or none."),
-        click.option("--image-size", default=None, type=int, help="Crop size, overriding the weights' transform."),
+        click.option("--image-size", default=None, type=click.IntRange(1, MAX_IMAGE_SIZE), help="Crop size, overriding the weights' transform."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -111,17 +145,18 @@ def main(ctx, quiet, debug):
 @click.argument("data", type=click.Path(file_okay=False))
 @backbone_options
 @click.option("--out", default=DEFAULT_FEATURES, show_default=True, type=click.Path(dir_okay=False))
-@click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--workers", default=None, type=int, help="DataLoader workers [default: CPU cores, at most 8].")
+@click.option("--batch-size", default=64, show_default=True, type=POSITIVE)
+@click.option("--workers", default=None, type=click.IntRange(0, MAX_WORKERS),
+              help="DataLoader workers [default: CPU cores, at most 8].")
 @device_option
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
               help="Storage dtype of the features.")
-@click.option("--split-fractions", default="0.7,0.15,0.15", show_default=True, type=FloatList(),
+@click.option("--split-fractions", default="0.7,0.15,0.15", show_default=True, type=FloatList(0, 1, count=3),
               help="train,val,test fractions when the folder has no train/val/test sub-folders.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the split.")
 @click.option("--overwrite", is_flag=True, help="Replace an output made with other settings.")
 @click.option("--strict", is_flag=True, help="Fail if any image cannot be read.")
-@click.option("--checkpoint-every", default=1024, show_default=True, type=int,
+@click.option("--checkpoint-every", default=1024, show_default=True, type=POSITIVE,
               help="Commit progress every N images (resume point after a crash).")
 @click.option("--full-decode", is_flag=True,
               help="Decode JPEGs at full size (default: reduced DCT scale when much larger than the input).")
