@@ -41,6 +41,7 @@ from tqdm import tqdm
 from .backbones import Backbone, BackboneSpec, resolve_backbone
 from .data import ImageFiles
 from .scan import display_path, scan_image_folder
+from .allocator import keep_large_buffers
 from .benchmark_results import (MOMENTUM, STRATEGIES, STRATEGY_LABELS, BenchImages, BenchResult, BenchSettings,
                                 StrategyResult)
 from .devices import resolve_device
@@ -162,7 +163,7 @@ def load_bench_images(data_root, transform, limit: int | None = None, seed: int 
         files = ImageFiles(manifest.root, [manifest.paths[i] for i in indices], transform)
         pixels, labels = [], []
         for j in range(len(files)):
-            _, image, error = files[j]
+            _, image, _, _, error = files[j]
             if error:
                 skipped.append((display_path(files.paths[j]), error))
                 continue
@@ -290,7 +291,9 @@ def run_strategy(strategy: str, spec: BackboneSpec, images: BenchImages, setting
 
 
 def _strategy_in_child(strategy, spec, images_file, classes, settings, track_curve, progress) -> StrategyResult:
-    """Entry point of a spawned child: load the decoded images, run one strategy."""
+    """Entry point of a spawned child: load the decoded images, run one strategy (with the
+    allocator settings of the parent, which a spawned process does not inherit)."""
+    keep_large_buffers()
     tensors = torch.load(images_file, weights_only=True)
     images = BenchImages(classes=classes, **tensors)
     return run_strategy(strategy, spec, images, settings, track_curve, progress)
