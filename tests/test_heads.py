@@ -157,7 +157,8 @@ def test_mini_batch_holds_out_validation_from_an_hdf5_dataset(tmp_path):
     with h5py.File(tmp_path / "f.h5", "w") as f:
         f["features"] = X
     with h5py.File(tmp_path / "f.h5", "r") as f:
-        probe = LinearProbe(grid=[1e-3, 1e-2]).fit(f["features"], y)
+        probe = LinearProbe(grid=[1e-3, 1e-2], selection="val").fit(f["features"], y)
+    assert probe.selection_.method == "holdout"
     assert probe.n_train_ == 400 and probe.n_val_ == 100 and accuracy(probe, X, y) > 0.95
 
 
@@ -335,10 +336,10 @@ def test_a_model_whose_loss_turns_nan_stops_in_the_line_search_at_its_last_accep
 @pytest.mark.parametrize("cls", [LinearProbe, SklearnProbe])
 def test_probes_record_why_each_fit_stopped(cls):
     X, y = blobs(400, spread=2.0)
-    converged = cls(grid=[1e-3, 1e-1]).fit(X[:300], y[:300], X[300:], y[300:])
+    converged = cls(grid=[1e-3, 1e-1], selection="val").fit(X[:300], y[:300], X[300:], y[300:])
     assert converged.stop_ == {"sweep": ["converged", "converged"], "refit": "converged"}
     assert converged.converged_ and as_head(converged).training["stop"] == converged.stop_
-    stopped = cls(grid=[1e-3, 1e-1], max_iter=1, tol=1e-8).fit(X[:300], y[:300], X[300:], y[300:])
+    stopped = cls(grid=[1e-3, 1e-1], max_iter=1, tol=1e-8, selection="val").fit(X[:300], y[:300], X[300:], y[300:])
     assert stopped.stop_ == {"sweep": ["max_iter", "max_iter"], "refit": "max_iter"}
     assert not stopped.converged_ and as_head(stopped).training["converged"] is False
 

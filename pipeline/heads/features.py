@@ -8,12 +8,10 @@ memory stays bounded. Used by the head file (prediction) and by the probes (trai
 from __future__ import annotations
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from pipeline.errors import PipeError
 
 CHUNK_ROWS = 8192
-VAL_FRACTION = 0.2
 
 
 def row_chunks(n_rows, size=CHUNK_ROWS):
@@ -94,20 +92,10 @@ def feature_stats(parts):
     return mean.astype(np.float32), std.astype(np.float32)
 
 
-def holdout(X, y, seed):
-    """Split ``(X, y)`` into train and validation parts (stratified when possible).
-
-    A ``VAL_FRACTION`` of the rows, seeded; an ndarray is indexed, anything else (an
-    ``h5py.Dataset``) is viewed lazily through :class:`RowSubset`.
-    """
-    counts = np.bincount(y)
-    stratify = y if counts[counts > 0].min() >= 2 else None
-    train_rows, val_rows = train_test_split(
-        np.arange(len(y)), test_size=VAL_FRACTION, stratify=stratify, random_state=seed
-    )
-    train_rows, val_rows = np.sort(train_rows), np.sort(val_rows)
-    take = (lambda rows: X[rows]) if isinstance(X, np.ndarray) else (lambda rows: RowSubset(X, rows))
-    return (take(train_rows), y[train_rows]), (take(val_rows), y[val_rows])
+def take_rows(X, rows):
+    """Rows ``rows`` (sorted indices) of ``X``: a copy of an ndarray's, a lazy
+    :class:`RowSubset` of anything else (an ``h5py.Dataset``)."""
+    return X[rows] if isinstance(X, np.ndarray) else RowSubset(X, rows)
 
 
 def class_weights(y, n_classes, balanced):
@@ -122,7 +110,8 @@ def class_weights(y, n_classes, balanced):
 
 
 def accuracies(weights, biases, X, y, mean, std):
-    """Accuracy of each of K linear models (K, C, D) / (K, C) on ``(X, y)``, chunked."""
+    """Accuracy of each of K linear models (K, C, D) / (K, C) on ``(X, y)``, chunked; ``y``
+    holds class positions (rows of the weights)."""
     n_models, n_classes, n_dims = weights.shape
     stacked = np.ascontiguousarray(weights.transpose(2, 0, 1).reshape(n_dims, -1))
     correct = np.zeros(n_models, dtype=np.int64)
@@ -131,3 +120,11 @@ def accuracies(weights, biases, X, y, mean, std):
         predicted = (scores.reshape(-1, n_models, n_classes) + biases).argmax(axis=2)
         correct += (predicted == y[start:stop, None]).sum(axis=0)
     return correct / X.shape[0]
+
+
+def parts_accuracies(weights, biases, parts, classes, mean, std):
+    """Accuracy (K,) of K linear models over all rows of ``parts`` ``[(name, X, y), ...]``,
+    whose labels ``y`` are class indices (``classes`` lists those the weights' rows stand for)."""
+    correct = sum(accuracies(weights, biases, X, np.searchsorted(classes, y), mean, std) * len(y)
+                  for _, X, y in parts)
+    return correct / sum(len(y) for _, _, y in parts)

@@ -91,7 +91,7 @@ class LinearHead:
             )
 
     def save(self, path):
-        """Write the head to ``path`` atomically (temporary file + rename)."""
+        """Write the head to ``path`` atomically (temporary file + rename), creating its folder."""
         path = Path(path)
         payload = {
             "format": HEAD_FORMAT,
@@ -105,7 +105,11 @@ class LinearHead:
             "source": self.source,
             "training": self.training,
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        except OSError as exc:
+            raise PipeError(f"cannot write the head file {path}: {exc.strerror}") from None
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(payload, f)

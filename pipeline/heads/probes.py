@@ -1,7 +1,9 @@
 """The probes: trainers that fit a :class:`~pipeline.heads.head_file.LinearHead` on features.
 
 Both follow the published linear-probe recipe (:class:`_SweepProbe`): sweep the L2 strength
-over a log grid, pick the best by validation accuracy, refit on train + val.
+over a log grid, pick the best by validation accuracy (on val, a hold-out or k-fold
+cross-validation, whichever the data's size allows: :mod:`pipeline.heads.selection`), refit
+on train + val.
 :class:`LinearProbe` (torch) trains the whole grid as one batched problem
 (:mod:`pipeline.heads.multinomial`), or on streamed mini-batches; :class:`SklearnProbe` is the
 scikit-learn baseline. :func:`make_probe` builds either by name.
@@ -27,60 +29,68 @@ from sklearn.linear_model import LogisticRegression
 from pipeline.devices import resolve_device
 from pipeline.errors import PipeError
 from pipeline.heads.features import (
-    CHUNK_ROWS, accuracies, check_split, class_weights, feature_stats, holdout, row_chunks, standardize,
+    CHUNK_ROWS, check_split, class_weights, feature_stats, parts_accuracies, row_chunks, standardize,
 )
 from pipeline.heads.head_file import LinearHead
 from pipeline.heads.lbfgs import CONVERGED, LINE_SEARCH, MAX_ITER
 from pipeline.heads.multinomial import FeatureSpectrum, fit_multinomial
+from pipeline.heads.selection import DEFAULT_STRENGTH, merge_records, plan_selection, split_parts
 
 DEFAULT_GRID = tuple(float(s) for s in np.logspace(-6, 0, 16))
+MAX_STRENGTH = 1e6  # far past any useful strength (every weight ~0); float32 still holds its square
 PATIENCE_EPOCHS = 3
 
 
 class _SweepProbe:
-    """Shared recipe: sweep the L2 strength, select on validation accuracy, refit.
+    """Shared recipe: sweep the L2 strength, select it (:mod:`pipeline.heads.selection`), refit.
 
-    Subclasses implement ``_fit_grid`` (one model per strength, on train) and
+    Subclasses implement ``_fit_grid`` (one model per strength, on some rows) and
     ``_fit_one`` (one model at the chosen strength, on train + val). Learned attributes:
     ``weight_`` (C, D), ``bias_`` (C,), ``mean_``/``std_`` (D,) or None, ``classes_``
-    (class indices seen in train), ``best_strength_``, ``grid_scores_`` (list of
-    ``(strength, val_accuracy)``), ``n_iter_`` (optimiser iterations), ``stop_`` (why each
+    (class indices seen in train), ``best_strength_``, ``selection_`` (a
+    :class:`~pipeline.heads.selection.Selection`: how the strength was chosen),
+    ``grid_scores_`` (list of ``(strength, accuracy)``: on val or the hold-out, or the mean
+    over cross-validation folds), ``n_iter_`` (optimiser iterations), ``stop_`` (why each
     optimiser stopped: ``{"sweep": [reason, ...], "refit": reason}`` with the reasons of
-    :mod:`pipeline.heads.lbfgs`), ``converged_`` (every reason in ``stop_`` is "converged";
-    the mini-batch path runs whole epochs and records no reasons, so it is True there),
+    :mod:`pipeline.heads.lbfgs`; under cross-validation a strength's "sweep" reason is
+    "converged" only if every fold's fit converged, and ``"folds"`` lists each fold's),
+    ``converged_`` (every reason in ``stop_`` is "converged"; the mini-batch path runs whole
+    epochs and records no reasons, so it is True there), ``chance_`` (the accuracy of always
+    answering the most frequent class, on the rows scored), ``warnings_`` (one line each:
+    nothing could be chosen, the final fit did not converge, the head is at chance level),
     ``n_train_``, ``n_val_``, ``fit_seconds_``.
     """
 
     trainer = ""
 
-    def __init__(self, *, grid, balanced, seed, max_iter, tol, standardize):
+    def __init__(self, *, grid, balanced, seed, max_iter, tol, standardize, selection):
         self.grid = grid
         self.balanced = balanced
         self.seed = seed
         self.max_iter = max_iter
         self.tol = tol
         self.standardize = standardize
+        self.selection = selection
 
     def fit(self, X_train, y_train, X_val=None, y_val=None):
-        """Train on ``(X_train, y_train)``, selecting the strength on ``(X_val, y_val)``.
+        """Train on ``(X_train, y_train)``, choosing the strength with ``(X_val, y_val)``.
 
         ``X_*`` are (N, D) float arrays or any 2-D array-like with ``.shape`` and row
         slicing (an ``h5py.Dataset``, a :class:`RowSubset`); ``y_*`` are int class indices.
-        Without a validation split, a seeded stratified 20% of train is held out for
-        selection and the refit uses all of train. A grid of one strength needs no
-        selection: the model is fitted once, on train + val, and ``grid_scores_`` is empty.
-        Returns ``self``.
+        How the strength is chosen depends on the sizes (``selection="auto"``): on val when
+        it holds enough images, else on a hold-out of train + val or by k-fold
+        cross-validation over them, else a default strength
+        (:func:`~pipeline.heads.selection.plan_selection`). The final model is fitted on
+        train + val. A grid of one strength needs no selection: the model is fitted once,
+        on train + val, and ``grid_scores_`` is empty. Returns ``self``.
         """
         started = time.perf_counter()
         self.grid_ = [float(s) for s in (DEFAULT_GRID if self.grid is None else self.grid)]
-        if not self.grid_ or not all(np.isfinite(s) and s > 0 for s in self.grid_):
-            raise PipeError(f"L2 strengths must be positive numbers, got {self.grid_}")
-        selecting = len(self.grid_) > 1
+        if not self.grid_ or not all(np.isfinite(s) and 0 < s <= MAX_STRENGTH for s in self.grid_):
+            raise PipeError(f"L2 strengths must be positive numbers up to {MAX_STRENGTH:g}, got {self.grid_}")
         y_train = check_split(X_train, y_train, "train")
         if (X_val is None) != (y_val is None):
             raise PipeError("give both validation features and labels, or neither")
-        if X_val is None and selecting:
-            (X_train, y_train), (X_val, y_val) = holdout(X_train, y_train, self.seed)
         parts = [("train", X_train, y_train)]
         if X_val is not None:
             parts.append(("val", X_val, check_split(X_val, y_val, "val")))
@@ -97,24 +107,80 @@ class _SweepProbe:
         mean, std = feature_stats(parts)  # also the finiteness check, so always computed
         self.mean_, self.std_ = (mean, std) if self.standardize else (None, None)
         self.n_train_, self.n_val_ = len(y_train), sum(len(labels) for _, _, labels in parts[1:])
-        self.n_iter_, self.stop_ = {}, {}
-
-        if selecting:
-            X_val, y_val = parts[1][1:]
-            grid_weights, grid_biases = self._fit_grid(parts[:1], val=(X_val, y_val))
-            scores = accuracies(grid_weights, grid_biases, X_val, y_val, self.mean_, self.std_)
+        self.selection_, splits = plan_selection([labels for _, _, labels in parts], len(self.grid_),
+                                                 mode=self.selection, seed=self.seed)
+        if self.selection_.method == "holdout":  # as before there was cross-validation: rows fitted / scored
+            self.n_train_, self.n_val_ = self.selection_.n_fit, self.selection_.n_score
+        self.n_iter_, self.stop_, self.grid_scores_, self.warnings_ = {}, {}, [], []
+        init, epochs, self.chance_ = None, None, None
+        if splits:
+            scores, records, chances = [], [], []
+            for mask in splits:
+                fit_parts, score_parts = split_parts(parts, mask)
+                weights, biases, record = self._fit_grid(fit_parts, score_parts)
+                scores.append(parts_accuracies(weights, biases, score_parts, self.classes_, self.mean_, self.std_))
+                records.append(record)
+                scored = np.concatenate([labels for _, _, labels in score_parts])
+                chances.append(np.bincount(scored).max() / len(scored))
+            scores, self.chance_ = np.mean(scores, axis=0), float(np.mean(chances))
             # ties go to the strongest penalty, the simplest model
             best = max(range(len(scores)), key=lambda k: (scores[k], self.grid_[k]))
             self.grid_scores_ = [(s, float(a)) for s, a in zip(self.grid_, scores)]
-            init = (grid_weights[best], grid_biases[best])
-        else:  # one strength: nothing to choose, so a single fit on train + val
-            best, init, self.grid_scores_ = 0, None, []
-        self.best_strength_ = self.grid_[best]
-        self.weight_, self.bias_ = self._fit_one(parts, best, init)
-        reasons = self.stop_.get("sweep", []) + ([self.stop_["refit"]] if "refit" in self.stop_ else [])
+            self.best_strength_ = self.grid_[best]
+            self._record_sweep(records)
+            epochs = self.n_iter_.get("sweep_epochs", [None] * len(self.grid_))[best]
+            if len(splits) == 1:  # the refit starts from the split's solution
+                init = (weights[best], biases[best])
+        else:  # one strength: nothing to choose; too few images: nothing can be chosen
+            self.best_strength_ = self.grid_[0] if self.selection_.method == "given" else DEFAULT_STRENGTH
+        self.weight_, self.bias_, refit = self._fit_one(parts, self.best_strength_, init, epochs)
+        for key, value in (("refit", refit["n_iter"]), ("refit_epochs", refit["epochs"])):
+            if value is not None:
+                self.n_iter_[key] = value
+        if refit["stop"] is not None:
+            self.stop_["refit"] = refit["stop"]
+        reasons = (self.stop_.get("sweep") or []) + ([self.stop_["refit"]] if "refit" in self.stop_ else [])
         self.converged_ = all(reason == CONVERGED for reason in reasons)
+        self._check(parts, refit)
         self.fit_seconds_ = time.perf_counter() - started
         return self
+
+    def _record_sweep(self, records):
+        """Write the splits' fit records into ``n_iter_`` and ``stop_`` (and the mean best
+        epochs of the mini-batch path)."""
+        merged = merge_records(records)
+        if merged["n_iter"] is not None:
+            self.n_iter_["sweep"] = merged["n_iter"]
+        if merged["epochs"] is not None:
+            self.n_iter_["sweep_epochs"] = merged["epochs"]
+        if merged["stop"] is not None:
+            self.stop_["sweep"] = merged["stop"]
+        if len(records) > 1:
+            self.n_iter_["folds"] = [r["n_iter"] if r["n_iter"] is not None else r["epochs"] for r in records]
+            if merged["stop"] is not None:
+                self.stop_["folds"] = [r["stop"] for r in records]
+
+    def _check(self, parts, refit):
+        """Fill ``warnings_``: what a user must know before trusting the head."""
+        method = self.selection_.method
+        if method == "default":
+            self.warnings_.append(f"too few images to choose the L2 strength ({self.selection_.reason})")
+        if refit["stop"] not in (None, CONVERGED):
+            why = (f"reached --max-iter ({self.max_iter}) first" if refit["stop"] == MAX_ITER
+                   else "its line search failed (the loss would not decrease)")
+            self.warnings_.append(f"the final fit did not converge: {why} after {refit['n_iter']} iterations; "
+                                  "its weights are the last accepted step")
+        if self.grid_scores_:
+            accuracy = dict(self.grid_scores_)[self.best_strength_]
+            where = {"val": "val", "holdout": "hold-out", "cv": "cross-validation"}[method]
+        else:  # no selection scores: the head on the rows it was fitted on
+            head_weights, head_biases = self.weight_[None], self.bias_[None]
+            accuracy = float(parts_accuracies(head_weights, head_biases, parts, self.classes_, self.mean_, self.std_)[0])
+            labels = np.concatenate([labels for _, _, labels in parts])
+            self.chance_, where = float(np.bincount(labels).max() / len(labels)), "its own training images"
+        if accuracy <= self.chance_ + 1e-9:
+            self.warnings_.append(f"the head is at chance level: accuracy {accuracy:.3f} on {where}, the same as "
+                                  f"always answering the most frequent class ({self.chance_:.3f})")
 
     def to_head(self, classes, fingerprint, source):
         """The fitted model as a :class:`LinearHead` over ``classes`` (all class names).
@@ -139,6 +205,8 @@ class _SweepProbe:
             "n_iter": self.n_iter_,
             "converged": self.converged_,
             "stop": self.stop_,
+            "selection": self.selection_.record(),
+            "warnings": list(self.warnings_),
         }
         return LinearHead(weight, bias, self.mean_, self.std_, list(classes), fingerprint, dict(source), training)
 
@@ -154,12 +222,16 @@ class _SweepProbe:
         return X, y
 
     def _fit_grid(self, parts, val):
-        """One model per strength of ``grid_`` on ``parts`` (train): weights (K, C, D), biases (K, C)."""
+        """One model per strength of ``grid_`` on ``parts``; ``val`` are the parts it will be
+        scored on (the mini-batch path stops early on them). Returns weights (K, C, D), biases
+        (K, C) and a record ``{"n_iter": [...] or None, "stop": [...] or None, "epochs": [...]
+        or None}`` (per strength: iterations, why it stopped, best epoch)."""
         raise NotImplementedError
 
-    def _fit_one(self, parts, index, init):
-        """One model at ``grid_[index]`` on ``parts`` (train + val), from ``init`` (a sweep's
-        weight and bias) or None: weight (C, D), bias (C,)."""
+    def _fit_one(self, parts, strength, init, epochs):
+        """One model at ``strength`` on ``parts`` (train + val), from ``init`` (a sweep's
+        weight and bias) or None, for ``epochs`` (mini-batch path; None: ``max_epochs``).
+        Returns weight (C, D), bias (C,) and a record ``{"n_iter", "stop", "epochs"}``."""
         raise NotImplementedError
 
 
@@ -172,23 +244,25 @@ class LinearProbe(_SweepProbe):
     its own curvature history and step length and stops on scikit-learn's rule (largest
     gradient entry <= ``tol``, at most ``max_iter`` iterations). Its initial inverse Hessian
     is the exact one at the start (:class:`~pipeline.heads.multinomial.Preconditioner`),
-    which cuts the iterations several-fold on real features. The refit starts from the
-    chosen grid solution.
+    which cuts the iterations several-fold on real features. After a single split (val or
+    a hold-out) the refit starts from the chosen grid solution; after cross-validation,
+    from zero.
 
     Mini-batch (``batch_size`` set, or features not an in-memory ndarray such as an
     ``h5py.Dataset``): contiguous row chunks are streamed, the K models trained together
     with Adam (learning rate ``lr``) for up to ``max_epochs``, each kept at its best
     validation epoch (early stopping after ``PATIENCE_EPOCHS`` epochs without any
     improvement); the refit trains from scratch on train + val for the chosen model's
-    best epoch count (learned ``best_epochs_``). Memory is bounded by the chunk size.
+    best epoch count (``n_iter_["sweep_epochs"]``, the mean over cross-validation folds).
+    Memory is bounded by the chunk size.
     """
 
     trainer = "linear"
 
     def __init__(self, *, grid=None, balanced=False, seed=0, device="auto", max_iter=100, tol=1e-4,
-                 standardize=True, batch_size=None, max_epochs=30, lr=1e-2):
+                 standardize=True, selection="auto", batch_size=None, max_epochs=30, lr=1e-2):
         super().__init__(grid=grid, balanced=balanced, seed=seed, max_iter=max_iter, tol=tol,
-                         standardize=standardize)
+                         standardize=standardize, selection=selection)
         self.device = device
         self.batch_size = batch_size
         self.max_epochs = max_epochs
@@ -199,25 +273,21 @@ class LinearProbe(_SweepProbe):
 
     def _fit_grid(self, parts, val):
         if self._streaming(parts):
-            weights, biases, self.best_epochs_ = self._adam(parts, self.grid_, self.max_epochs, val)
-            self.n_iter_["sweep_epochs"] = self.best_epochs_.tolist()
-            return weights, biases
+            weights, biases, best_epochs = self._adam(parts, self.grid_, self.max_epochs, val)
+            return weights, biases, {"n_iter": None, "stop": None, "epochs": best_epochs.tolist()}
         X, y = self._encoded(parts)
-        weights, biases, self.n_iter_["sweep"], self.stop_["sweep"] = self._lbfgs(X, y, self.grid_, init=None)
-        return weights, biases
+        weights, biases, n_iter, stop = self._lbfgs(X, y, self.grid_, init=None)
+        return weights, biases, {"n_iter": n_iter, "stop": stop, "epochs": None}
 
-    def _fit_one(self, parts, index, init):
-        strength = [self.grid_[index]]
+    def _fit_one(self, parts, strength, init, epochs):
         if self._streaming(parts):
-            epochs = self.max_epochs if init is None else max(int(self.best_epochs_[index]), 1)
-            weights, biases, _ = self._adam(parts, strength, epochs, val=None)
-            self.n_iter_["refit_epochs"] = epochs
-        else:
-            X, y = self._encoded(parts)
-            start = None if init is None else (init[0][None], init[1][None])
-            weights, biases, n_iter, stop = self._lbfgs(X, y, strength, init=start)
-            self.n_iter_["refit"], self.stop_["refit"] = n_iter[0], stop[0]
-        return weights[0], biases[0]
+            epochs = self.max_epochs if epochs is None else epochs
+            weights, biases, _ = self._adam(parts, [strength], epochs, val=None)
+            return weights[0], biases[0], {"n_iter": None, "stop": None, "epochs": epochs}
+        X, y = self._encoded(parts)
+        start = None if init is None else (init[0][None], init[1][None])
+        weights, biases, n_iter, stop = self._lbfgs(X, y, [strength], init=start)
+        return weights[0], biases[0], {"n_iter": n_iter[0], "stop": stop[0], "epochs": None}
 
     def _lbfgs(self, X, y, strengths, init):
         """Fit one model per strength with batched, preconditioned L-BFGS.
@@ -277,7 +347,7 @@ class LinearProbe(_SweepProbe):
             if val is None:
                 best_w, best_b = current_w, current_b
                 continue
-            acc = accuracies(current_w, current_b, val[0], np.searchsorted(self.classes_, val[1]), self.mean_, self.std_)
+            acc = parts_accuracies(current_w, current_b, val, self.classes_, self.mean_, self.std_)
             improved = acc > best_acc
             best_acc[improved], best_epoch[improved] = acc[improved], epoch
             best_w[improved], best_b[improved] = current_w[improved], current_b[improved]
@@ -297,21 +367,22 @@ class SklearnProbe(_SweepProbe):
 
     trainer = "sklearn"
 
-    def __init__(self, *, grid=None, balanced=False, seed=0, max_iter=1000, tol=1e-4, standardize=True):
+    def __init__(self, *, grid=None, balanced=False, seed=0, max_iter=1000, tol=1e-4, standardize=True,
+                 selection="auto"):
         super().__init__(grid=grid, balanced=balanced, seed=seed, max_iter=max_iter, tol=tol,
-                         standardize=standardize)
+                         standardize=standardize, selection=selection)
 
     def _fit_grid(self, parts, val):
         X, y = self._encoded(parts)
         fits = [self._logistic(X, y, strength) for strength in self.grid_]
-        self.n_iter_["sweep"] = [n_iter for _, _, n_iter, _ in fits]
-        self.stop_["sweep"] = [stop for _, _, _, stop in fits]
-        return np.stack([w for w, _, _, _ in fits]), np.stack([b for _, b, _, _ in fits])
+        record = {"n_iter": [n_iter for _, _, n_iter, _ in fits], "stop": [stop for _, _, _, stop in fits],
+                  "epochs": None}
+        return np.stack([w for w, _, _, _ in fits]), np.stack([b for _, b, _, _ in fits]), record
 
-    def _fit_one(self, parts, index, init):
+    def _fit_one(self, parts, strength, init, epochs):
         X, y = self._encoded(parts)
-        weight, bias, self.n_iter_["refit"], self.stop_["refit"] = self._logistic(X, y, self.grid_[index])
-        return weight, bias
+        weight, bias, n_iter, stop = self._logistic(X, y, strength)
+        return weight, bias, {"n_iter": n_iter, "stop": stop, "epochs": None}
 
     def _logistic(self, X, y, strength):
         """Fit one model at ``strength``; returns multinomial (C, D), (C,), iterations and
