@@ -116,7 +116,7 @@ def decode_jpeg(data: torch.Tensor | list[torch.Tensor], device="cpu"):
     from torchvision.io import decode_jpeg as decode
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.filterwarnings("ignore", message=".*TorchVision are deprecated", category=DeprecationWarning)
         return decode(data, mode=ImageReadMode.RGB, device=device)
 
 
