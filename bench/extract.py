@@ -3,6 +3,8 @@
     python bench/extract.py                          # efficientnet_lite0, 2,000 photos, then quality and memory
     python bench/extract.py --models efficientnet_lite0,resnet50 --images 500 --skip-quality
     python bench/extract.py --allocator --batch-sizes 16,32,64 --skip-quality   # what the allocator and batch size do
+    python bench/extract.py --device cuda --models resnet50 --widths 400,600 --images 5000 --skip-quality \
+        --json bench/results/extract-gpu.json      # on a GPU machine: ImageNet-sized JPEGs, decoded on the GPU
 
 On one folder of JPEG photos (250 to 2,600 px wide, made from scikit-image and scikit-learn
 sample photos), for each model, with glibc keeping large buffers as pipe's processes do
@@ -25,6 +27,7 @@ grow with the number of images (200 vs 2,000 photos).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -59,13 +62,13 @@ def sample_photos() -> list[np.ndarray]:
     return [p for p in photos if p.ndim == 3 and p.shape[2] == 3]
 
 
-def make_photo_folder(root: Path, n: int, seed: int = 0) -> Path:
-    """``n`` JPEGs, widths uniform in 250..2,600 px, in two class folders."""
+def make_photo_folder(root: Path, n: int, seed: int = 0, widths=(250, 2600)) -> Path:
+    """``n`` JPEGs, widths uniform in ``widths`` px, in two class folders."""
     rng = np.random.default_rng(seed)
     photos = sample_photos()
     for i in range(n):
         src = Image.fromarray(photos[i % len(photos)])
-        width = int(rng.uniform(250, 2600))
+        width = int(rng.uniform(*widths))
         image = src.resize((width, max(1, round(width * src.height / src.width))), Image.Resampling.BICUBIC)
         folder = root / f"class{i % 2}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -86,11 +89,13 @@ def weights_for(model: str) -> str:
     return "DEFAULT" if model in PACKAGED else "none"
 
 
-def time_ceiling(spec, pixels: torch.Tensor, batch_size: int, compiled: bool = False) -> float:
-    """(a): pipe's forward path (normalise, channels_last, inference_mode) on decoded tensors;
-    with ``compiled``, as `pipe extract --compile` runs it (compilation before the clock)."""
-    run = FeatureExtractor(spec.build(), torch.device("cpu"), batch_size if compiled else None)
-    run(pixels[:batch_size])  # warm-up
+def time_ceiling(spec, pixels: torch.Tensor, batch_size: int, compiled: bool = False, device="cpu") -> float:
+    """(a): pipe's forward path (normalise, channels_last, inference_mode; bf16 autocast on CUDA)
+    on decoded tensors already on ``device``; with ``compiled``, as `pipe extract --compile` runs
+    it (compilation before the clock)."""
+    run = FeatureExtractor(spec.build(), torch.device(device), batch_size if compiled else None)
+    pixels = pixels.to(device)
+    run(pixels[:batch_size])  # warm-up (features come back to the CPU: each batch is synchronised)
     started = time.perf_counter()
     for i in range(0, len(pixels), batch_size):
         run(pixels[i:i + batch_size])
@@ -128,8 +133,10 @@ def decode_costs(files: list[Path], transform) -> dict[str, float]:
     return costs
 
 
-def time_peer(spec, root: Path) -> float:
-    """(b): the textbook loop a user would write by hand."""
+def time_peer(spec, root: Path, device="cpu") -> float:
+    """(b): the textbook loop a user would write by hand: on the CPU one process decodes
+    (num_workers=0); on CUDA a worker per core decodes with PIL and the model runs under bf16
+    autocast."""
     t = spec.transform
     transform = torchvision.transforms.Compose([
         torchvision.transforms.Resize(t.resize, interpolation=torchvision.transforms.InterpolationMode(t.interpolation)),
@@ -137,13 +144,16 @@ def time_peer(spec, root: Path) -> float:
         torchvision.transforms.ToTensor(),
         torchvision.transforms.Normalize(t.mean, t.std),
     ])
-    model = spec.build().module.eval()
+    cuda = torch.device(device).type == "cuda"
+    model = spec.build().module.eval().to(device)
     loader = torch.utils.data.DataLoader(torchvision.datasets.ImageFolder(str(root), transform=transform),
-                                         batch_size=32, num_workers=0)
-    with torch.no_grad():
-        model(torch.zeros(2, 3, t.crop, t.crop))  # warm-up
+                                         batch_size=default_batch_size(torch.device(device)) if cuda else 32,
+                                         num_workers=len(os.sched_getaffinity(0)) if cuda else 0, pin_memory=cuda)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    with torch.no_grad(), autocast:
+        model(torch.zeros(2, 3, t.crop, t.crop, device=device))  # warm-up
         started = time.perf_counter()
-        count = sum(len(model(x)) for x, _ in loader)
+        count = sum(len(model(x.to(device, non_blocking=True)).float().cpu()) for x, _ in loader)
     return count / (time.perf_counter() - started)
 
 
@@ -153,33 +163,33 @@ def wall_seconds(cmd: list[str], env: dict | None = None) -> float:
     return time.perf_counter() - started
 
 
-def time_pipe(model: str, root: Path, n: int) -> tuple[float, float]:
+def time_pipe(model: str, root: Path, n: int, device: str = "cpu") -> tuple[float, float]:
     """(c): `pipe extract` in a fresh process, into a fresh file: images/s over its wall time less
     the start-up of a bare `import torch, torchvision`; and that start-up."""
     startup = min(wall_seconds([sys.executable, "-c", "import torch, torchvision"]) for _ in range(3))
     with tempfile.TemporaryDirectory() as tmp:
         seconds = wall_seconds([sys.executable, "-m", "pipeline", "-q", "extract", str(root), "--model", model,
-                                "--weights", weights_for(model), "--out", str(Path(tmp) / "f.h5")])
+                                "--weights", weights_for(model), "--device", device, "--out", str(Path(tmp) / "f.h5")])
     return n / (seconds - startup), startup
 
 
-def speed(models: list[str], n: int, root: Path) -> dict:
+def speed(models: list[str], n: int, root: Path, device: str = "cpu") -> dict:
     results = {}
     cores = len(os.sched_getaffinity(0))
-    batch_size = default_batch_size(torch.device("cpu"))
+    batch_size = default_batch_size(torch.device(device))
     names = sorted(str(p.relative_to(root)) for p in root.rglob("*.jpg"))
     sample = [root / name for name in names[:min(len(names), 300)]]
     for model in models:
         spec = resolve_backbone(model, weights_for(model))
         files = ImageFiles(root, names, spec.transform)
         pixels = torch.stack([files[i][1] for i in range(len(files))])
-        a = time_ceiling(spec, pixels, batch_size)
+        a = time_ceiling(spec, pixels, batch_size, device=device)
         costs = decode_costs(sample, spec.transform)
         d = costs["pil_draft (pipe)"]
         achievable = 1 / (1 / a + d / cores)
-        b = time_peer(spec, root)
-        c, startup = time_pipe(model, root, n)
-        results[model] = {"weights": spec.weights.id, "batch_size": batch_size, "ceiling": a,
+        b = time_peer(spec, root, device)
+        c, startup = time_pipe(model, root, n, device)
+        results[model] = {"device": device, "weights": spec.weights.id, "batch_size": batch_size, "ceiling": a,
                           "decode_seconds_per_image_one_core": costs, "achievable": achievable, "peer": b,
                           "pipe": c, "python_torch_startup_seconds": startup,
                           "c/a": c / a, "c/achievable": c / achievable, "c/b": c / b}
@@ -326,6 +336,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="efficientnet_lite0")
     parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the ceiling and pipe run there)")
+    parser.add_argument("--widths", default="250,2600", help="photo widths drawn from this range, px "
+                        "(ImageNet-like: 400,600)")
     parser.add_argument("--probe-per-class", type=int, default=30)
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--allocator", action="store_true",
@@ -347,9 +360,10 @@ def main() -> None:
             default_batch_size(torch.device("cpu"))]
         report["allocator_and_batch_size"] = allocator_and_batch(models, sizes)
     with tempfile.TemporaryDirectory() as tmp:
-        photos = make_photo_folder(Path(tmp) / "photos", args.images)
+        widths = tuple(int(w) for w in args.widths.split(","))
+        photos = make_photo_folder(Path(tmp) / "photos", args.images, widths=widths)
         warm_page_cache(photos)
-        report["speed"] = speed(models, args.images, photos)
+        report["speed"] = speed(models, args.images, photos, args.device)
         if args.compile:
             report["compile"] = compile_gain(models, default_batch_size(torch.device("cpu")))
         if not args.skip_quality:
