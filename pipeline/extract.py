@@ -140,7 +140,7 @@ def extract_features(
     spec = resolve_backbone(model, weights, image_size, dtype, layer=layer, pool=pool, tta=tta,
                             full_decode=target.type == "cuda" if full_decode is None else full_decode)
     group = Workers.from_env(target)
-    cache = ExtractionCache(out, spec.fingerprint, dtype, overwrite, writer=group.rank)
+    cache = ExtractionCache(out, spec.identity, spec.fingerprint, dtype, overwrite, writer=group.rank)
     try:
         group.leader_then_all(cache.acquire)
         cache.attach()

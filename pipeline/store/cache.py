@@ -23,6 +23,21 @@ from .files import lock_output
 from .parts import PartsFolder, PartsIndex
 
 
+def _flat(identity: dict) -> dict:
+    """``{"transform": {"crop": 32}}`` -> ``{"transform.crop": 32}``: one level, enough for an identity."""
+    flat = {}
+    for key, value in identity.items():
+        flat.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
+    return flat
+
+
+def _differences(old: dict, new: dict) -> str:
+    """What sets two feature identities apart, e.g. ``decode: full in the file, default now``."""
+    old, new = _flat(old), _flat(new)
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    return "; ".join(f"{k}: {old.get(k, 'default')} in the file, {new.get(k, 'default')} now" for k in keys)
+
+
 @dataclass
 class CommitResult:
     """What :meth:`ExtractionCache.commit` did: whether it wrote a new file (False: the previous
@@ -42,9 +57,11 @@ class ExtractionCache:
     with its ``writer`` number, so ranks never collide.
     """
 
-    def __init__(self, out, fingerprint: str, dtype: str, overwrite: bool = False, writer: int = 0):
+    def __init__(self, out, identity: dict, fingerprint: str, dtype: str, overwrite: bool = False,
+                 writer: int = 0):
         self.out = Path(out)
         self.parts = PartsFolder(self.out)
+        self.identity = identity  # how the features are made; fingerprint is its hash
         self.fingerprint = fingerprint
         self.dtype = dtype
         self.overwrite = overwrite
@@ -58,9 +75,9 @@ class ExtractionCache:
         old = self.previous
         if old is not None and old.fingerprint != self.fingerprint:
             raise PipeError(
-                f"{self.out} holds features of another model/weights/transform (fingerprint "
-                f"{old.fingerprint} = {old.attrs['model']} {old.attrs['weights']}, now {self.fingerprint}); "
-                "use --out for a new file or --overwrite to replace it")
+                f"{self.out} holds features made another way ({_differences(old.attrs.get('identity', {}), self.identity)}; "
+                f"fingerprint {old.fingerprint}, now {self.fingerprint}); use --out for a new file or --overwrite "
+                "to replace it")
         self.parts.prepare(self.fingerprint, self.overwrite)
         return self.attach()
 
