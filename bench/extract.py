@@ -1,26 +1,33 @@
-"""Extraction speed, side by side in one run: the model's ceiling, a hand-written peer, pipe.
+"""Extraction speed against the machine's real ceiling, side by side in one run.
 
-    python bench/extract.py                      # both models, 192 photos, then the quality checks
-    python bench/extract.py --models resnet50 --images 64 --skip-quality
+    python bench/extract.py                          # efficientnet_lite0, 2,000 photos, then quality and memory
+    python bench/extract.py --models efficientnet_lite0,resnet50 --images 500 --skip-quality
+    python bench/extract.py --allocator --batch-sizes 16,32,64 --skip-quality   # what the allocator and batch size do
+    python bench/extract.py --device cuda --models resnet50 --widths 400,600 --images 5000 --skip-quality \
+        --json bench/results/extract-gpu.json      # on a GPU machine: ImageNet-sized JPEGs, decoded on the GPU
 
-On the same folder of JPEG photos (250 to 2,600 px wide, made from scikit-image and
-scikit-learn sample photos) it measures images/s for
+On one folder of JPEG photos (250 to 2,600 px wide, made from scikit-image and scikit-learn
+sample photos), for each model, with glibc keeping large buffers as pipe's processes do
+(:mod:`pipeline.allocator`), real weights where a package ships them (efficientnet_lite0), and
+the batch size pipe uses by default:
   (a) the ceiling: the model alone on pre-decoded uint8 tensors, with pipe's precision, memory
-      format and batch size (normalisation included, as pipe does it on the device);
-  (b) the peer: torchvision ImageFolder + DataLoader(num_workers=0, batch_size=32) + eager NCHW
-      model under no_grad;
-  (c) pipe extract (library call, fresh output file, everything included);
-and prints c/a and c/b. Then it checks what the speed tricks cost: reduced-scale JPEG decoding
-(cosine similarity to full decoding, and linear-probe accuracy both ways on large JPEGs of
-Fashion-MNIST) and float16 storage (probe accuracy vs float32), and that peak memory of
-`pipe extract` does not grow with the number of images (200 vs 2,000).
-Random weights are used for speed (a, b, c); the quality checks use the packaged
-efficientnet_lite0 ImageNet weights.
+      format and normalisation on the device;
+  (d) the decode cost: seconds per image on one core for pipe's default decoding (and, for
+      comparison, PIL with draft, simplejpeg with DCT scaling, torchvision's full decode);
+  the achievable rate: 1 / (1/a + d/cores), decoding shared over the cores;
+  (b) the peer: torchvision ImageFolder + DataLoader(num_workers=0) + eager NCHW model under no_grad;
+  (c) `pipe extract` as a user runs it: a fresh process, from start to exit, less the time a bare
+      `python -c "import torch, torchvision"` takes;
+and prints c/a, c/achievable and c/b. Then it checks what the speed tricks cost: reduced-scale
+JPEG decoding (cosine similarity to full decoding, and linear-probe accuracy both ways on large
+JPEGs of Fashion-MNIST) and float16 storage, and that peak memory of `pipe extract` does not
+grow with the number of images (200 vs 2,000 photos).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -36,10 +43,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.allocator import keep_large_buffers  # noqa: E402
 from pipeline.backbones import resolve_backbone  # noqa: E402
-from pipeline.data import ImageFiles  # noqa: E402
+from pipeline.data import ImageFiles, decode_jpeg, open_rgb  # noqa: E402
+from pipeline.devices import default_batch_size  # noqa: E402
 from pipeline.datasets import load_fashion_mnist  # noqa: E402
-from pipeline.extract import FeatureExtractor, extract_features  # noqa: E402
+from pipeline.extract import FeatureExtractor  # noqa: E402
 from pipeline.heads import LinearProbe  # noqa: E402
 
 
@@ -53,13 +62,13 @@ def sample_photos() -> list[np.ndarray]:
     return [p for p in photos if p.ndim == 3 and p.shape[2] == 3]
 
 
-def make_photo_folder(root: Path, n: int, seed: int = 0) -> Path:
-    """``n`` JPEGs, widths uniform in 250..2,600 px, in two class folders."""
+def make_photo_folder(root: Path, n: int, seed: int = 0, widths=(250, 2600)) -> Path:
+    """``n`` JPEGs, widths uniform in ``widths`` px, in two class folders."""
     rng = np.random.default_rng(seed)
     photos = sample_photos()
     for i in range(n):
         src = Image.fromarray(photos[i % len(photos)])
-        width = int(rng.uniform(250, 2600))
+        width = int(rng.uniform(*widths))
         image = src.resize((width, max(1, round(width * src.height / src.width))), Image.Resampling.BICUBIC)
         folder = root / f"class{i % 2}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -72,19 +81,62 @@ def warm_page_cache(root: Path) -> None:
         path.read_bytes()
 
 
-def time_ceiling(spec, pixels: torch.Tensor, batch_size: int, compiled: bool = False) -> float:
-    """(a): pipe's forward path (normalise, channels_last, inference_mode) on decoded tensors;
-    with ``compiled``, as `pipe extract --compile` runs it (compilation before the clock)."""
-    run = FeatureExtractor(spec.build(), torch.device("cpu"), batch_size if compiled else None)
-    run(pixels[:batch_size])  # warm-up
+REPO = Path(__file__).resolve().parents[1]
+PACKAGED = {"efficientnet_lite0"}  # real weights ship in a package; others run with random weights
+
+
+def weights_for(model: str) -> str:
+    return "DEFAULT" if model in PACKAGED else "none"
+
+
+def time_ceiling(spec, pixels: torch.Tensor, batch_size: int, compiled: bool = False, device="cpu") -> float:
+    """(a): pipe's forward path (normalise, channels_last, inference_mode; bf16 autocast on CUDA)
+    on decoded tensors already on ``device``; with ``compiled``, as `pipe extract --compile` runs
+    it (compilation before the clock)."""
+    run = FeatureExtractor(spec.build(), torch.device(device), batch_size if compiled else None)
+    pixels = pixels.to(device)
+    run(pixels[:batch_size])  # warm-up (features come back to the CPU: each batch is synchronised)
     started = time.perf_counter()
     for i in range(0, len(pixels), batch_size):
         run(pixels[i:i + batch_size])
     return len(pixels) / (time.perf_counter() - started)
 
 
-def time_peer(spec, root: Path) -> float:
-    """(b): the textbook loop a user would write by hand."""
+def decode_costs(files: list[Path], transform) -> dict[str, float]:
+    """Seconds per image on one core, from file to (3, crop, crop) uint8, for each decoder."""
+    import simplejpeg
+
+    def simple(path):
+        data = path.read_bytes()
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        scale = transform.resize / min(height, width)
+        return transform.pixels(Image.fromarray(simplejpeg.decode_jpeg(
+            data, colorspace="RGB", min_height=int(height * scale) + 1, min_width=int(width * scale) + 1)))
+
+    decoders = {
+        "pil_draft (pipe)": lambda path: transform.pixels(open_rgb(path, transform.resize)),
+        "simplejpeg_dct_scaled": simple,
+        "torchvision_full (pipe --full-decode)": lambda path: transform.pixels(
+            decode_jpeg(torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8))),
+        "pil_full": lambda path: transform.pixels(open_rgb(path)),
+    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    costs = {}
+    for name, decode in decoders.items():
+        decode(files[0])
+        started = time.perf_counter()
+        for path in files:
+            decode(path)
+        costs[name] = (time.perf_counter() - started) / len(files)
+    torch.set_num_threads(threads)
+    return costs
+
+
+def time_peer(spec, root: Path, device="cpu") -> float:
+    """(b): the textbook loop a user would write by hand: on the CPU one process decodes
+    (num_workers=0); on CUDA a worker per core decodes with PIL and the model runs under bf16
+    autocast."""
     t = spec.transform
     transform = torchvision.transforms.Compose([
         torchvision.transforms.Resize(t.resize, interpolation=torchvision.transforms.InterpolationMode(t.interpolation)),
@@ -92,39 +144,89 @@ def time_peer(spec, root: Path) -> float:
         torchvision.transforms.ToTensor(),
         torchvision.transforms.Normalize(t.mean, t.std),
     ])
-    model = spec.build().module.eval()
+    cuda = torch.device(device).type == "cuda"
+    model = spec.build().module.eval().to(device)
     loader = torch.utils.data.DataLoader(torchvision.datasets.ImageFolder(str(root), transform=transform),
-                                         batch_size=32, num_workers=0)
-    with torch.no_grad():
-        model(torch.zeros(2, 3, t.crop, t.crop))  # warm-up
+                                         batch_size=default_batch_size(torch.device(device)) if cuda else 32,
+                                         num_workers=len(os.sched_getaffinity(0)) if cuda else 0, pin_memory=cuda)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    with torch.no_grad(), autocast:
+        model(torch.zeros(2, 3, t.crop, t.crop, device=device))  # warm-up
         started = time.perf_counter()
-        count = sum(len(model(x)) for x, _ in loader)
+        count = sum(len(model(x.to(device, non_blocking=True)).float().cpu()) for x, _ in loader)
     return count / (time.perf_counter() - started)
 
 
-def time_pipe(model: str, root: Path, batch_size: int, workers: int | None) -> float:
-    """(c): the whole `pipe extract`, into a fresh file."""
+def wall_seconds(cmd: list[str], env: dict | None = None) -> float:
+    started = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL, env=env)
+    return time.perf_counter() - started
+
+
+def time_pipe(model: str, root: Path, n: int, device: str = "cpu") -> tuple[float, float]:
+    """(c): `pipe extract` in a fresh process, into a fresh file: images/s over its wall time less
+    the start-up of a bare `import torch, torchvision`; and that start-up."""
+    startup = min(wall_seconds([sys.executable, "-c", "import torch, torchvision"]) for _ in range(3))
     with tempfile.TemporaryDirectory() as tmp:
-        summary = extract_features(root, model, "none", out=Path(tmp) / "f.h5", batch_size=batch_size,
-                                   workers=workers, progress=False)
-    return summary.extracted / summary.seconds
+        seconds = wall_seconds([sys.executable, "-m", "pipeline", "-q", "extract", str(root), "--model", model,
+                                "--weights", weights_for(model), "--device", device, "--out", str(Path(tmp) / "f.h5")])
+    return n / (seconds - startup), startup
 
 
-def speed(models: list[str], n: int, batch_size: int, workers: int | None) -> dict:
+def speed(models: list[str], n: int, root: Path, device: str = "cpu") -> dict:
     results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        root = make_photo_folder(Path(tmp) / "photos", n)
-        warm_page_cache(root)
-        for model in models:
-            spec = resolve_backbone(model, "none")
-            files = ImageFiles(root, sorted(str(p.relative_to(root)) for p in root.rglob("*.jpg")), spec.transform)
-            pixels = torch.stack([files[i][1] for i in range(len(files))])
-            a = time_ceiling(spec, pixels, batch_size)
-            b = time_peer(spec, root)
-            c = time_pipe(model, root, batch_size, workers)
-            results[model] = {"ceiling": a, "peer": b, "pipe": c, "c/a": c / a, "c/b": c / b}
-            print(f"{model:<20} (a) ceiling {a:7.1f} img/s   (b) peer {b:7.1f} img/s   (c) pipe {c:7.1f} img/s"
-                  f"   c/a {c / a:.2f}   c/b {c / b:.2f}", flush=True)
+    cores = len(os.sched_getaffinity(0))
+    batch_size = default_batch_size(torch.device(device))
+    names = sorted(str(p.relative_to(root)) for p in root.rglob("*.jpg"))
+    sample = [root / name for name in names[:min(len(names), 300)]]
+    for model in models:
+        spec = resolve_backbone(model, weights_for(model))
+        files = ImageFiles(root, names, spec.transform)
+        pixels = torch.stack([files[i][1] for i in range(len(files))])
+        a = time_ceiling(spec, pixels, batch_size, device=device)
+        costs = decode_costs(sample, spec.transform)
+        d = costs["pil_draft (pipe)"]
+        achievable = 1 / (1 / a + d / cores)
+        b = time_peer(spec, root, device)
+        c, startup = time_pipe(model, root, n, device)
+        results[model] = {"device": device, "weights": spec.weights.id, "batch_size": batch_size, "ceiling": a,
+                          "decode_seconds_per_image_one_core": costs, "achievable": achievable, "peer": b,
+                          "pipe": c, "python_torch_startup_seconds": startup,
+                          "c/a": c / a, "c/achievable": c / achievable, "c/b": c / b}
+        print(f"{model} ({spec.weights.id}, batch {batch_size}): (a) ceiling {a:.1f} img/s, (d) decode "
+              f"{1000 * d:.1f} ms/img on one core -> achievable {achievable:.1f} img/s on {cores} cores; "
+              f"(b) peer {b:.1f} img/s; (c) pipe {c:.1f} img/s (less {startup:.1f} s start-up)", flush=True)
+        print(f"    c/a {c / a:.2f}   c/achievable {c / achievable:.2f}   c/b {c / b:.2f}", flush=True)
+        print("    one-core decode, ms/img: " + ", ".join(f"{k} {1000 * v:.1f}" for k, v in costs.items()), flush=True)
+    return results
+
+
+def ceiling_child(model: str, batch_size: int) -> None:
+    """Print the ceiling of ``model`` at ``batch_size`` with this process's allocator settings."""
+    if os.environ.get("PIPE_MALLOC") != "system":
+        keep_large_buffers()
+    spec = resolve_backbone(model, weights_for(model))
+    pixels = torch.randint(0, 256, (4 * batch_size, 3, spec.transform.crop, spec.transform.crop), dtype=torch.uint8)
+    started = os.times()
+    rate = time_ceiling(spec, pixels, batch_size)
+    used = os.times()
+    print(json.dumps({"rate": rate, "user": used.user - started.user, "system": used.system - started.system}))
+
+
+def allocator_and_batch(models: list[str], batch_sizes: list[int]) -> dict:
+    """The ceiling with glibc's defaults and with large buffers kept, at several batch sizes,
+    each in a fresh process (the allocator is process state)."""
+    results = {}
+    for model in models:
+        for batch_size in batch_sizes:
+            for allocator in ("glibc default", "keep large buffers (pipe)"):
+                env = {**os.environ, "PIPE_MALLOC": "system" if allocator == "glibc default" else "pipe"}
+                out = subprocess.run([sys.executable, __file__, "--ceiling-child", model, str(batch_size)], env=env,
+                                     capture_output=True, text=True, check=True, cwd=REPO)
+                measured = json.loads(out.stdout.strip().splitlines()[-1])
+                results[f"{model} batch {batch_size} {allocator}"] = measured
+                print(f"{model:<20} batch {batch_size:<4} {allocator:<26} {measured['rate']:6.1f} img/s  "
+                      f"(user {measured['user']:.1f} s, sys {measured['system']:.1f} s)", flush=True)
     return results
 
 
@@ -179,7 +281,7 @@ def quality(per_class: int) -> dict:
         names = sorted(str(p.relative_to(root)) for p in root.rglob("*.jpg"))
         feats, seconds = {}, {}
         for draft in (True, False):
-            files = ImageFiles(root, names, spec.transform, draft=draft)
+            files = ImageFiles(root, names, spec.transform, "draft" if draft else "full")
             started = time.perf_counter()
             pixels = torch.stack([files[i][1] for i in range(len(files))])
             seconds[draft] = time.perf_counter() - started
@@ -205,50 +307,68 @@ def quality(per_class: int) -> dict:
     return result
 
 
-def peak_rss_mb(n: int, tmp: Path) -> float:
-    """Peak RSS of a `pipe extract` process (workers=0: one process holds everything)."""
-    data = tmp / f"fm{n}"
-    if not data.exists():
-        images, labels, _ = load_fashion_mnist("train")
-        for i in range(n):
-            folder = data / str(labels[i])
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(images[i]).save(folder / f"{i:05d}.png")
+def peak_rss_mb(data: Path, out: Path) -> float:
+    """Peak RSS of a `pipe extract` process with its default settings (the largest of the
+    process and its DataLoader workers)."""
     code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
     cmd = [sys.executable, "-c", code, sys.executable, "-m", "pipeline", "-q", "extract", str(data),
-           "--out", str(tmp / f"f{n}.h5"), "--image-size", "96", "--workers", "0", "--checkpoint-every", "256"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
-    return int(out.stdout.split()[-1]) / 1024
+           "--out", str(out), "--checkpoint-every", "256"]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO)
+    return int(result.stdout.split()[-1]) / 1024
 
 
-def memory() -> dict:
+def memory(photos: Path) -> dict:
+    """Peak memory for the first 200 photos and for all of them (2,000 by default)."""
     with tempfile.TemporaryDirectory() as tmp:
-        small, large = peak_rss_mb(200, Path(tmp)), peak_rss_mb(2000, Path(tmp))
-    print(f"peak memory of pipe extract: {small:.0f} MB for 200 images, {large:.0f} MB for 2,000 "
-          f"(+{100 * (large / small - 1):.1f}%)")
-    return {"peak_mb_200": small, "peak_mb_2000": large, "growth": large / small - 1}
+        small = Path(tmp) / "small"
+        for path in sorted(photos.rglob("*.jpg"))[:200]:
+            (small / path.parent.name).mkdir(parents=True, exist_ok=True)
+            os.link(path, small / path.parent.name / path.name)
+        n = len(list(photos.rglob("*.jpg")))
+        few, many = peak_rss_mb(small, Path(tmp) / "small.h5"), peak_rss_mb(photos, Path(tmp) / "all.h5")
+    print(f"peak memory of pipe extract: {few:.0f} MB for 200 photos, {many:.0f} MB for {n:,} "
+          f"({100 * (many / few - 1):+.1f}%)")
+    return {"peak_mb_200": few, f"peak_mb_{n}": many, "growth": many / few - 1}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="efficientnet_lite0,resnet50")
-    parser.add_argument("--images", type=int, default=192)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--models", default="efficientnet_lite0")
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the ceiling and pipe run there)")
+    parser.add_argument("--widths", default="250,2600", help="photo widths drawn from this range, px "
+                        "(ImageNet-like: 400,600)")
     parser.add_argument("--probe-per-class", type=int, default=30)
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--allocator", action="store_true",
+                        help="also measure the ceiling with glibc's default allocator settings")
+    parser.add_argument("--batch-sizes", default=None, help="also measure the ceiling at these batch sizes, e.g. 16,32,64")
     parser.add_argument("--compile", action="store_true", help="also measure what torch.compile gains")
+    parser.add_argument("--ceiling-child", nargs=2, metavar=("MODEL", "BATCH"), help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.ceiling_child:
+        return ceiling_child(args.ceiling_child[0], int(args.ceiling_child[1]))
+    keep_large_buffers()  # as pipe's own processes do: every side of a comparison runs with it
+    models = args.models.split(",")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-          f"{args.images} JPEGs, batch size {args.batch_size}", flush=True)
-    report = {"speed": speed(args.models.split(","), args.images, args.batch_size, args.workers)}
-    if args.compile:
-        report["compile"] = compile_gain(args.models.split(","), args.batch_size)
-    if not args.skip_quality:
-        report["quality"] = quality(args.probe_per_class)
-        report["memory"] = memory()
+          f"{args.images} JPEGs", flush=True)
+    report = {}
+    if args.allocator or args.batch_sizes:
+        sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [
+            default_batch_size(torch.device("cpu"))]
+        report["allocator_and_batch_size"] = allocator_and_batch(models, sizes)
+    with tempfile.TemporaryDirectory() as tmp:
+        widths = tuple(int(w) for w in args.widths.split(","))
+        photos = make_photo_folder(Path(tmp) / "photos", args.images, widths=widths)
+        warm_page_cache(photos)
+        report["speed"] = speed(models, args.images, photos, args.device)
+        if args.compile:
+            report["compile"] = compile_gain(models, default_batch_size(torch.device("cpu")))
+        if not args.skip_quality:
+            report["memory"] = memory(photos)
+            report["quality"] = quality(args.probe_per_class)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
 

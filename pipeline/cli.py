@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import click
@@ -15,11 +16,35 @@ DEFAULT_FEATURES = "cache/features.h5"
 DEFAULT_HEAD = "cache/head.pt"
 DEFAULT_METRICS = "cache/metrics.json"
 
+POSITIVE = click.IntRange(min=1)
+SEED = click.IntRange(0, 2**32 - 1)  # what numpy, torch and scikit-learn all accept
+MAX_WORKERS = 128  # DataLoader processes; more would only exhaust the machine
+MAX_IMAGE_SIZE = 4096
+MAX_LR = 10.0
+
+
+class FiniteFloat(click.FloatRange):
+    """A float in a range that is also finite: ``nan`` and ``inf`` are usage errors."""
+
+    name = "number"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
+
 
 class FloatList(click.ParamType):
-    """Comma-separated numbers on the command line, or a list in a TOML preset."""
+    """Comma-separated finite numbers on the command line, or a list in a TOML preset.
+
+    ``minimum`` (exclusive when ``positive``) and ``maximum`` bound every number; ``count``
+    fixes how many there must be."""
 
     name = "floats"
+
+    def __init__(self, minimum=None, maximum=None, positive=False, count=None):
+        self.minimum, self.maximum, self.positive, self.count = minimum, maximum, positive, count
 
     def convert(self, value, param, ctx):
         if isinstance(value, (list, tuple)):
@@ -27,9 +52,19 @@ class FloatList(click.ParamType):
         else:
             items = [v for v in str(value).split(",") if v.strip()]
         try:
-            return tuple(float(v) for v in items)
+            numbers = tuple(float(v) for v in items)
         except (TypeError, ValueError):
             self.fail(f"expected comma-separated numbers, got {value!r}", param, ctx)
+        if not numbers or (self.count is not None and len(numbers) != self.count):
+            self.fail(f"expected {self.count or 'at least one'} comma-separated number(s), got {value!r}", param, ctx)
+        for number in numbers:
+            low = self.minimum is not None and (number <= self.minimum if self.positive else number < self.minimum)
+            if not math.isfinite(number) or low or (self.maximum is not None and number > self.maximum):
+                bound = f"{'above' if self.positive else 'at least'} {self.minimum:g}" if self.minimum is not None else ""
+                if self.maximum is not None:
+                    bound += f"{' and ' if bound else ''}at most {self.maximum:g}"
+                self.fail(f"every number must be finite{', ' + bound if bound else ''}; got {value!r}", param, ctx)
+        return numbers
 
 
 class Shard(click.ParamType):
@@ -67,17 +102,61 @@ class PipeGroup(click.Group):
         ctx.exit(2)
 
 
+def _set_global_flag(ctx: click.Context, param, value):
+    """``-q``/``--debug`` given after the command: the same as before it."""
+    if value:
+        root = ctx.find_root()
+        root.params[param.name] = True
+        if root.obj is None:
+            root.obj = {}
+        root.obj[param.name] = True  # in place: the command's context already holds this dict
+    return value
+
+
+def global_flags(command):
+    """``-q``/``--quiet`` and ``--debug`` accepted after the command too (people type them at the end)."""
+    command = click.option("--debug", is_flag=True, expose_value=False, callback=_set_global_flag,
+                           help="Show tracebacks for errors (same as `pipe --debug`).")(command)
+    return click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_set_global_flag,
+                        help="No progress bars (same as `pipe -q`).")(command)
+
+
+def ensure_parent(path) -> str:
+    """Create the folder an output file goes to; one clear error when that is impossible."""
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PipeError(f"cannot create the folder {folder} for {path}: {exc.strerror}") from None
+    return path
+
+
 def _load_config(ctx: click.Context, param, value):
     """Eager ``--config``: its table becomes the command's defaults (options still win)."""
     if value:
         options = {}  # preset key (long option without dashes, or argument name) -> parameter name
         for p in ctx.command.params:
             flags = [flag[2:] for flag in p.opts if flag.startswith("--")]
-            options.update({key: p.name for key in flags or [p.name] if key != "config"})
+            options.update({key: p.name for key in flags or [p.name] if key not in ("config", "quiet", "debug")})
         ctx.default_map = {**(ctx.default_map or {}), **command_defaults(value, ctx.command.name, options)}
     return value
 
 
+def backbone_options(command):
+    """``--model``, ``--weights`` and ``--image-size``: declared once for every command that builds a backbone."""
+    options = [
+        click.option("--model", default="efficientnet_lite0", show_default=True, help="Backbone name (see `pipe models`)."),
+        click.option("--weights", default="DEFAULT", show_default=True,
+                     help="DEFAULT, a weights enum name (IMAGENET1K_V2), a state_dict file, or none."),
+        click.option("--image-size", default=None, type=click.IntRange(1, MAX_IMAGE_SIZE), help="Crop size, overriding the weights' transform."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+device_option = click.option("--device", default="auto", show_default=True,
+                             help="auto (CUDA when present), cpu or cuda.")
 config_option = click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
                              callback=_load_config, help="TOML preset; its [command] table sets defaults.")
 
@@ -89,27 +168,26 @@ config_option = click.option("--config", type=click.Path(dir_okay=False), is_eag
 @click.pass_context
 def main(ctx, quiet, debug):
     """Transfer learning by feature extraction: extract once, train heads in seconds."""
-    ctx.obj = {"quiet": quiet}
+    ctx.obj = {"quiet": quiet, "debug": debug}
 
 
 @main.command()
+@global_flags
 @click.argument("data", type=click.Path(file_okay=False))
-@click.option("--model", default="efficientnet_lite0", show_default=True, help="Backbone name (see `pipe models`).")
-@click.option("--weights", default="DEFAULT", show_default=True,
-              help="DEFAULT, a weights enum name (IMAGENET1K_V2), a state_dict file, or none.")
+@backbone_options
 @click.option("--out", default=DEFAULT_FEATURES, show_default=True, type=click.Path(dir_okay=False))
-@click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--workers", default=None, type=int, help="DataLoader workers [default: CPU cores, at most 8].")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--image-size", default=None, type=int, help="Crop size, overriding the weights' transform.")
+@click.option("--batch-size", default=64, show_default=True, type=POSITIVE)
+@click.option("--workers", default=None, type=click.IntRange(0, MAX_WORKERS),
+              help="DataLoader workers [default: CPU cores, at most 8].")
+@device_option
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
               help="Storage dtype of the features.")
-@click.option("--split-fractions", default="0.7,0.15,0.15", show_default=True, type=FloatList(),
+@click.option("--split-fractions", default="0.7,0.15,0.15", show_default=True, type=FloatList(0, 1, count=3),
               help="train,val,test fractions when the folder has no train/val/test sub-folders.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the split.")
 @click.option("--overwrite", is_flag=True, help="Replace an output made with other settings.")
 @click.option("--strict", is_flag=True, help="Fail if any image cannot be read.")
-@click.option("--checkpoint-every", default=1024, show_default=True, type=int,
+@click.option("--checkpoint-every", default=1024, show_default=True, type=POSITIVE,
               help="Commit progress every N images (resume point after a crash).")
 @click.option("--full-decode", is_flag=True,
               help="Decode JPEGs at full size (default: reduced DCT scale when much larger than the input).")
@@ -132,6 +210,8 @@ def extract(obj, data, **options):
     s = extract_features(data, progress=not obj["quiet"], **options)
     if s.rank:
         return
+    for warning in _split_warnings(s.out):
+        click.echo(f"warning: {warning}", err=True)
     if not s.written:
         click.echo(f"{s.out} is up to date: {s.total - len(s.failed)} images, nothing to extract "
                    f"({len(s.failed)} skipped)")
@@ -143,7 +223,21 @@ def extract(obj, data, **options):
         click.echo(f"skipped images are listed by `pipe info {s.out} --failed`", err=True)
 
 
+def _split_warnings(path) -> list[str]:
+    """What is wrong with the automatic split of a feature file, if it has one."""
+    from .scan import split_warnings
+    from .store import read_features
+
+    f = read_features(path, with_features=False)
+    if f.attrs.get("given_splits") or "split_fractions" not in f.attrs:
+        return []
+    fractions = f.attrs["split_fractions"]
+    fractions = json.loads(fractions) if isinstance(fractions, str) else fractions
+    return split_warnings(f.labels, f.split, len(f.classes), [float(x) for x in fractions])
+
+
 @main.command()
+@global_flags
 @click.argument("shards", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--out", default=DEFAULT_FEATURES, show_default=True, type=click.Path(dir_okay=False))
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
@@ -156,41 +250,57 @@ def merge(shards, out, overwrite):
 
 
 @main.command("train-head")
+@global_flags
 @click.argument("features", default=DEFAULT_FEATURES, type=click.Path(dir_okay=False))
 @click.option("--out", default=DEFAULT_HEAD, show_default=True, type=click.Path(dir_okay=False))
 @click.option("--head", "kind", default="linear", show_default=True, type=click.Choice(["linear", "sklearn"]),
               help="linear: batched torch sweep; sklearn: LogisticRegression baseline.")
-@click.option("--grid", default=None, type=FloatList(), help="L2 strengths to sweep [default: 16-point log grid].")
+@click.option("--grid", default=None, type=FloatList(0, positive=True),
+              help="L2 strengths to sweep [default: 16-point log grid].")
+@click.option("--selection", default="auto", show_default=True, type=click.Choice(["auto", "val", "cv"]),
+              help="How the strength is chosen: auto (val when it holds enough images, else a hold-out or "
+                   "k-fold cross-validation over train + val), val (val or a hold-out), cv (k-fold).")
 @click.option("--balanced", is_flag=True, help="Weight classes inversely to their frequency.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda (linear head).")
-@click.option("--max-iter", default=None, type=int, help="L-BFGS iterations per fit [default: 100 linear, 1000 sklearn].")
-@click.option("--tol", default=None, type=float, help="Stop when the largest gradient entry is below this [1e-4].")
-@click.option("--batch-size", default=None, type=int,
+@click.option("--seed", default=0, show_default=True, type=SEED)
+@device_option
+@click.option("--max-iter", default=None, type=POSITIVE,
+              help="L-BFGS iterations per fit [default: 100 linear, 1000 sklearn].")
+@click.option("--tol", default=None, type=FiniteFloat(min=0, min_open=True),
+              help="Stop when the largest gradient entry is below this [1e-4].")
+@click.option("--batch-size", default=None, type=POSITIVE,
               help="Linear head: train on mini-batches streamed from the file (features larger than memory).")
-@click.option("--max-epochs", default=None, type=int, help="Mini-batch path: most epochs (early stopping on val) [30].")
+@click.option("--max-epochs", default=None, type=POSITIVE,
+              help="Mini-batch path: most epochs (early stopping on val) [30].")
 @config_option
 def train_head(features, out, kind, **params):
-    """Train a linear head on cached FEATURES, choosing L2 strength on validation."""
+    """Train a linear head on cached FEATURES, choosing the L2 strength on validation data."""
     from .train import train_head as train
 
     params = {k: v for k, v in params.items() if v is not None}
     if kind == "sklearn":
         params.pop("device", None)
     head, probe = train(features, out, kind, **params)
+    selection = probe.selection_
     if probe.grid_scores_:
-        click.echo("strength    val accuracy")
-        for strength, accuracy in probe.grid_scores_:
+        click.echo(f"selection: {selection.describe()}")
+        label = "cv" if selection.method == "cv" else "val"
+        click.echo(f"strength    {label} accuracy")
+        sweep_stops = probe.stop_.get("sweep") or [None] * len(probe.grid_scores_)
+        for (strength, accuracy), stop in zip(probe.grid_scores_, sweep_stops):
+            note = f"  (stopped: {stop})" if stop not in (None, "converged") else ""
             mark = "  <- chosen" if strength == probe.best_strength_ else ""
-            click.echo(f"{strength:<10.3g}  {accuracy:.4f}{mark}")
-        chosen = f"val accuracy {dict(probe.grid_scores_)[probe.best_strength_]:.4f}"
+            click.echo(f"{strength:<10.3g}  {accuracy:.4f}{note}{mark}")
+        chosen = f"{label} accuracy {dict(probe.grid_scores_)[probe.best_strength_]:.4f}"
     else:
-        chosen = "the only one given, fitted on train + val"
+        chosen = selection.describe() if selection.method == "default" else "the only one given, fitted on train + val"
     click.echo(f"{kind} head: strength {probe.best_strength_:.3g} ({chosen}), "
                f"trained in {probe.fit_seconds_:.2f} s -> {out}")
+    for warning in probe.warnings_:
+        click.echo(f"warning: {warning}", err=True)
 
 
 @main.command()
+@global_flags
 @click.option("--features", default=DEFAULT_FEATURES, show_default=True, type=click.Path(dir_okay=False))
 @click.option("--head", default=DEFAULT_HEAD, show_default=True, type=click.Path(dir_okay=False))
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
@@ -203,17 +313,17 @@ def evaluate(features, head, split, json_path):
 
     report = evaluate_head(features, head, split)
     click.echo(format_report(report))
-    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(json_path).write_text(json.dumps(report, indent=2))
+    Path(ensure_parent(json_path)).write_text(json.dumps(report, indent=2))
     click.echo(f"metrics -> {json_path}")
 
 
 @main.command()
+@global_flags
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("--head", default=DEFAULT_HEAD, show_default=True, type=click.Path(dir_okay=False))
-@click.option("--topk", default=3, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--topk", default=3, show_default=True, type=POSITIVE, help="Classes shown per image.")
+@device_option
+@click.option("--batch-size", default=32, show_default=True, type=POSITIVE)
 @config_option
 def predict(inputs, head, topk, device, batch_size):
     """Classify images (files or folders) with a trained head and its backbone."""
@@ -228,6 +338,7 @@ def predict(inputs, head, topk, device, batch_size):
 
 
 @main.command()
+@global_flags
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--failed", "show_failed", is_flag=True, help="List images that could not be read.")
 def info(file, show_failed):
@@ -238,13 +349,14 @@ def info(file, show_failed):
 
 
 @main.command()
+@global_flags
 @click.option("--family", default=None, help="Only this family or names containing it, e.g. resnet, vit.")
 @click.option("--offline", is_flag=True, help="Only backbones whose weights are available offline now.")
 @click.option("--timm", "include_timm", is_flag=True,
               help="List every timm architecture (timm:NAME), not only those in the Hugging Face cache.")
 def models(family, offline, include_timm):
     """List the backbones --model accepts: feature dim, input size, offline weights."""
-    from .catalog import catalog
+    from .backbones.catalog import catalog
 
     entries = catalog(family, offline, include_timm)
     rows = [("name", "family", "dim", "input", "offline weights")]
@@ -257,41 +369,42 @@ def models(family, offline, include_timm):
 
 
 @main.command()
+@global_flags
 @click.argument("data", type=click.Path(file_okay=False))
-@click.option("--model", default="efficientnet_lite0", show_default=True, help="Backbone name (see `pipe models`).")
-@click.option("--weights", default="DEFAULT", show_default=True, help="DEFAULT, an enum name, a state_dict file, or none.")
-@click.option("--epochs", default=3, show_default=True, type=int, help="Epochs for every strategy.")
-@click.option("--image-size", default=None, type=int, help="Crop size, overriding the weights' transform.")
-@click.option("--limit", default=None, type=int, help="At most N training images (class-balanced, seeded).")
-@click.option("--batch-size", default=32, show_default=True, type=int)
-@click.option("--lr", default=0.01, show_default=True, type=float, help="SGD learning rate (momentum 0.9, cosine).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of --limit, batch order and head init.")
+@backbone_options
+@click.option("--epochs", default=3, show_default=True, type=POSITIVE, help="Epochs for every strategy.")
+@click.option("--limit", default=None, type=POSITIVE, help="At most N training images (class-balanced, seeded).")
+@click.option("--batch-size", default=32, show_default=True, type=POSITIVE)
+@click.option("--lr", default=0.01, show_default=True, type=FiniteFloat(0, MAX_LR, min_open=True),
+              help=f"SGD learning rate (momentum 0.9, cosine), at most {MAX_LR:g}: beyond that SGD only diverges.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of --limit, batch order and head init.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the results as JSON.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Plot accuracy vs time (needs matplotlib; evaluates after every epoch).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@device_option
 @click.pass_obj
 def bench(obj, data, limit, json_path, plot_path, **settings):
     """Time fine-tuning vs frozen-online vs cached features on DATA, side by side."""
-    from .bench import BenchSettings, format_benchmark, plot_benchmark, run_benchmark
+    from .benchmark import run_benchmark
+    from .benchmark_results import BenchSettings, format_benchmark, plot_benchmark
 
     result = run_benchmark(data, BenchSettings(**settings), limit=limit, track_curve=plot_path is not None,
                            progress=not obj["quiet"])
     click.echo(format_benchmark(result))
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result.to_dict(), indent=2))
+        Path(ensure_parent(json_path)).write_text(json.dumps(result.to_dict(), indent=2))
         click.echo(f"results -> {json_path}")
     if plot_path:
-        click.echo(f"plot -> {plot_benchmark(result, plot_path)}")
+        click.echo(f"plot -> {plot_benchmark(result, ensure_parent(plot_path))}")
 
 
 @main.command("make-dataset")
+@global_flags
 @click.argument("name", type=click.Choice(["fashion-mnist", "digits"]))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--train-per-class", default=None, type=int)
-@click.option("--test-per-class", default=None, type=int)
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--train-per-class", default=None, type=POSITIVE)
+@click.option("--test-per-class", default=None, type=POSITIVE)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 def make_dataset(name, out, **sizes):
     """Write a small real dataset as an image folder (train/ and test/), offline."""
     from .datasets import DATASETS

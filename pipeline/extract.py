@@ -15,6 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import __version__
+from .devices import default_batch_size, default_workers, resolve_device
 from .errors import PipeError
 from .scan import DEFAULT_SPLIT_FRACTIONS, display_path, scan_image_folder
 from .store import FEATURE_DTYPES, ExtractionCache, Rows, is_up_to_date
@@ -42,25 +43,6 @@ class ExtractSummary:
     @property
     def images_per_second(self) -> float:
         return self.extracted / self.seconds if self.seconds else 0.0
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA when present; asking for an absent CUDA is a clear error."""
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PipeError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise PipeError(f"unknown device {device!r}; use auto, cpu or cuda") from None
-
-
-def default_workers() -> int:
-    """DataLoader workers: one per available core, at most 8."""
-    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 class FeatureExtractor:
@@ -93,10 +75,10 @@ class FeatureExtractor:
             return self.module(x)[:n].float().cpu().numpy()
 
 
-def _check_options(dtype: str, batch_size: int, checkpoint_every: int) -> None:
+def _check_options(dtype: str, batch_size: int | None, checkpoint_every: int) -> None:
     if dtype not in FEATURE_DTYPES:
         raise PipeError(f"--dtype must be one of {', '.join(FEATURE_DTYPES)}, got {dtype!r}")
-    if batch_size < 1 or checkpoint_every < 1:
+    if (batch_size is not None and batch_size < 1) or checkpoint_every < 1:
         raise PipeError("--batch-size and --checkpoint-every must be positive")
 
 
@@ -105,7 +87,7 @@ def extract_features(
     model: str = "efficientnet_lite0",
     weights: str = "DEFAULT",
     out="cache/features.h5",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     workers: int | None = None,
     device: str = "auto",
     image_size: int | None = None,
@@ -120,7 +102,7 @@ def extract_features(
     layer: str | None = None,
     pool: str | None = None,
     tta: str | None = None,
-    full_decode: bool = False,
+    full_decode: bool | None = None,
     compile: bool = False,
 ) -> ExtractSummary:
     """Extract features for every image under ``data_root`` into ``out`` (HDF5).
@@ -133,6 +115,10 @@ def extract_features(
     ``shard=(I, N)`` instead extracts only every N-th image (from the I-th) into its own
     file, for ``pipe merge`` to combine. ``compile`` runs the model through ``torch.compile``
     (a one-off compile of about a minute; pays on long runs).
+
+    ``batch_size`` None is the device's default (:func:`pipeline.devices.default_batch_size`).
+    ``full_decode`` None decodes JPEGs at full size on CUDA, where the GPU decodes them
+    (:mod:`pipeline.device_decode`), and at a reduced DCT scale on the CPU.
     """
     _check_options(dtype, batch_size, checkpoint_every)
     started = time.perf_counter()
@@ -149,11 +135,12 @@ def extract_features(
     from .backbones import resolve_backbone
     from .distributed import Workers
 
-    spec = resolve_backbone(model, weights, image_size, dtype, layer=layer, pool=pool, tta=tta,
-                            full_decode=full_decode)
     target = resolve_device(device)
+    batch_size = batch_size or default_batch_size(target)
+    spec = resolve_backbone(model, weights, image_size, dtype, layer=layer, pool=pool, tta=tta,
+                            full_decode=target.type == "cuda" if full_decode is None else full_decode)
     group = Workers.from_env(target)
-    cache = ExtractionCache(out, spec.fingerprint, dtype, overwrite, writer=group.rank)
+    cache = ExtractionCache(out, spec.identity, spec.fingerprint, dtype, overwrite, writer=group.rank)
     try:
         group.leader_then_all(cache.acquire)
         cache.attach()
@@ -175,20 +162,19 @@ def extract_features(
             raise PipeError(f"{len(failed)} image(s) could not be read (first: {path}: {reason}); "
                             "fix or remove them, or drop --strict (progress so far is kept)")
         attrs = {
-            "classes": manifest.classes, "model": spec.name, "weights": spec.weights, "weights_id": spec.weights_id,
+            "classes": manifest.classes, "model": spec.name, "weights": spec.weights.given, "weights_id": spec.weights.id,
             "transform": spec.transform.to_dict(), "identity": spec.identity, "fingerprint": spec.fingerprint,
             "dtype": dtype, "pipe_version": __version__, "data_root": str(Path(data_root).resolve()),
             "split_seed": seed, "split_fractions": list(split_fractions), "given_splits": manifest.given_splits,
             "request": request, **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {}),
         }
-        written, failed_in_output = group.leader_then_all(
-            lambda: (cache.commit(rows, labels, split, attrs), cache.failed_in_output))
+        committed = group.leader_then_all(lambda: cache.commit(rows, labels, split, attrs))
     finally:
         cache.release()
         group.close()
     return ExtractSummary(out=Path(out), total=len(rows.paths), extracted=len(todo) - len(failed),
-                          reused=len(rows.paths) - len(todo), failed=failed_in_output,
-                          seconds=time.perf_counter() - started, written=written, rank=group.rank)
+                          reused=len(rows.paths) - len(todo), failed=committed.failed,
+                          seconds=time.perf_counter() - started, written=committed.written, rank=group.rank)
 
 
 def _request(model, weights, image_size, dtype, layer, pool, tta, full_decode) -> dict:
@@ -255,23 +241,23 @@ class _PartBuffer:
 
 def _run(run: FeatureExtractor, root, todo: list[int], rows: Rows, cache: ExtractionCache, batch_size: int,
          workers: int, checkpoint_every: int, progress: bool) -> list[tuple[str, str]]:
-    """The extraction loop over manifest rows ``todo``: decode in DataLoader workers, forward
-    with ``run``, commit a part every ``checkpoint_every`` images. Returns the failures."""
-    import torch
-
-    from .data import ImageFiles
+    """The extraction loop over manifest rows ``todo``: decode in DataLoader workers (JPEGs on the
+    GPU when there is one), forward with ``run``, commit a part every ``checkpoint_every`` images.
+    Returns the failures."""
+    from .data import ImageFiles, decode_for, image_loader
+    from .device_decode import decode_batch
 
     spec = run.backbone.spec
-    dataset = ImageFiles(root, [rows.source_paths[i] for i in todo], spec.transform, draft=not spec.full_decode)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, num_workers=workers, pin_memory=run.device.type == "cuda",
-        prefetch_factor=4 if workers else None)
+    dataset = ImageFiles(root, [rows.source_paths[i] for i in todo], spec.transform,
+                         decode_for(spec.full_decode, run.device))
+    loader = image_loader(dataset, batch_size, workers, pin_memory=run.device.type == "cuda")
     failures = []
     with ThreadPoolExecutor(max_workers=1) as writer, \
             tqdm(total=len(todo), unit="img", disable=not progress, desc="extract", dynamic_ncols=True) as bar:
         buffer = _PartBuffer(cache, rows, writer)
-        for index, pixels, errors in loader:
-            rows_in_batch = [todo[i] for i in index.tolist()]
+        for batch in loader:
+            pixels, errors = decode_batch(batch, spec.transform, run.device)
+            rows_in_batch = [todo[i] for i in batch.index.tolist()]
             good = [j for j, e in enumerate(errors) if not e]
             if good:
                 buffer.features.append(run(pixels if len(good) == len(errors) else pixels[good]))

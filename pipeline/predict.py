@@ -7,13 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .backbones import resolve_backbone
-from .data import EvalTransform, ImageFiles
+from .data import EvalTransform, ImageFiles, decode_for, image_loader
+from .device_decode import decode_batch
 from .scan import IMAGE_EXTENSIONS
 from .errors import PipeError
-from .extract import FeatureExtractor, resolve_device
+from .devices import resolve_device
+from .extract import FeatureExtractor
 from .heads import LinearHead
 
 
@@ -50,7 +51,7 @@ def backbone_for_head(head: LinearHead):
                             tta=identity.get("tta"), full_decode=identity.get("decode") == "full")
     spec = dataclasses.replace(spec, transform=EvalTransform.from_dict(source["transform"]))
     if spec.fingerprint != head.fingerprint:
-        raise PipeError(f"the backbone {spec.name} with weights {spec.weights} now gives features "
+        raise PipeError(f"the backbone {spec.name} with weights {spec.weights.given} now gives features "
                         f"{spec.fingerprint}, but the head was trained on {head.fingerprint}; "
                         "were the weights changed? Re-extract and retrain")
     return spec.build()
@@ -62,18 +63,19 @@ def predict_images(head: LinearHead, inputs, topk: int = 5, device: str = "auto"
     files = expand_inputs(inputs)
     backbone = backbone_for_head(head)
     run = FeatureExtractor(backbone, resolve_device(device))
-    dataset = ImageFiles(Path("."), [str(p) for p in files], backbone.spec.transform,
-                         draft=not backbone.spec.full_decode)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    transform = backbone.spec.transform
+    dataset = ImageFiles(Path("."), [str(p) for p in files], transform, decode_for(backbone.spec.full_decode, run.device))
+    loader = image_loader(dataset, batch_size, workers)
     k = min(topk, len(head.classes))
     storage = np.dtype(backbone.spec.dtype)
     results = []
-    for index, pixels, errors in loader:
+    for batch in loader:
+        pixels, errors = decode_batch(batch, transform, run.device)
         good = [j for j, e in enumerate(errors) if not e]
         # round-trip through the cache's storage dtype: the head saw features stored that way
         proba = head.predict_proba(run(pixels[good]).astype(storage).astype(np.float32)) if good else None
         row = dict(zip(good, range(len(good))))
-        for j, i in enumerate(index.tolist()):
+        for j, i in enumerate(batch.index.tolist()):
             if errors[j]:
                 results.append(Prediction(str(files[i]), [], errors[j]))
                 continue

@@ -18,6 +18,9 @@ from .errors import PipeError
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 SPLITS = ("train", "val", "test")
 DEFAULT_SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
+# An accuracy on fewer images of a class than this says little about that class (one image
+# moves its recall by 10 points or more), so an automatic split that leaves fewer is worth a warning.
+MIN_EVAL_PER_CLASS = 10
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,23 @@ def stratified_split(
         for rank, i in enumerate(ranked):
             split[i] = "train" if rank < n_train else ("val" if rank < n_train + n_val else "test")
     return split.astype(str) if len(paths) else np.array([], dtype=str)
+
+
+def split_warnings(labels, split, n_classes, fractions=DEFAULT_SPLIT_FRACTIONS,
+                   minimum: int = MIN_EVAL_PER_CLASS) -> list[str]:
+    """One line for each of val and test whose share of an automatic split holds fewer than
+    ``minimum`` images of some class (a split given a fraction of 0 is left alone)."""
+    warnings = []
+    for name, fraction in (("val", fractions[1]), ("test", fractions[2])):
+        counts = np.bincount(np.asarray(labels)[np.asarray(split) == name], minlength=n_classes)
+        if fraction > 0 and counts.min() < minimum:
+            held = (f"no {name} images" if not counts.any() else
+                    f"{counts.sum()} {name} images, {counts.min()} to {counts.max()} per class")
+            warnings.append(
+                f"the automatic split left {held} (fewer than {minimum} in {(counts < minimum).sum()} of "
+                f"{n_classes} classes): an accuracy measured on so few is noisy; add images or give train/ val/ test/ "
+                "folders")
+    return warnings
 
 
 def scan_image_folder(root, split_fractions=DEFAULT_SPLIT_FRACTIONS, seed: int = 0) -> Manifest:

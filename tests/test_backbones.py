@@ -17,7 +17,9 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from pipeline.backbones import read_state_dict, rename_lite0_keys, resolve_backbone
+from pipeline.backbones import resolve_backbone
+from pipeline.backbones.packaged import rename_lite0_keys
+from pipeline.backbones.weights import read_state_dict
 from pipeline.errors import PipeError
 from test_cache_safety import make_images, run_pipe
 
@@ -312,7 +314,7 @@ def chelsea_batch():
 def test_packaged_lite0_classifies_chelsea_as_a_cat(chelsea_batch):
     spec, x = chelsea_batch
     assert x.shape == (1, 3, 224, 224)
-    classifier = spec.build_classifier()
+    classifier = spec.weights.load().eval()
     with torch.inference_mode():
         logits = classifier(x)
     assert logits.shape == (1, 1000)

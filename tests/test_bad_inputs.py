@@ -146,7 +146,7 @@ def _read_as_nobody(dataset, queue) -> None:
     if os.geteuid() == 0:  # root reads everything: drop to user nobody first
         os.setgid(65534)
         os.setuid(65534)
-    queue.put([dataset[i][2] for i in range(len(dataset))])
+    queue.put([dataset[i][-1] for i in range(len(dataset))])  # the error is the last field
 
 
 def test_unreadable_file_is_skipped_not_fatal():

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from pipeline.errors import PipeError
-import pipeline.heads
 from pipeline.heads import LinearHead, LinearProbe, SklearnProbe, make_probe
-from pipeline.heads import _batched_lbfgs as batched_lbfgs  # the solver under test: retarget it here if it moves
+from pipeline.heads.lbfgs import batched_lbfgs  # the solver under test
+from pipeline.heads.multinomial import FeatureSpectrum, Preconditioner, fit_multinomial, multinomial_loss_and_grad
 
 GRID = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
 
@@ -157,7 +157,8 @@ def test_mini_batch_holds_out_validation_from_an_hdf5_dataset(tmp_path):
     with h5py.File(tmp_path / "f.h5", "w") as f:
         f["features"] = X
     with h5py.File(tmp_path / "f.h5", "r") as f:
-        probe = LinearProbe(grid=[1e-3, 1e-2]).fit(f["features"], y)
+        probe = LinearProbe(grid=[1e-3, 1e-2], selection="val").fit(f["features"], y)
+    assert probe.selection_.method == "holdout"
     assert probe.n_train_ == 400 and probe.n_val_ == 100 and accuracy(probe, X, y) > 0.95
 
 
@@ -204,17 +205,17 @@ def mean_cross_entropy(params, X, y, strength):
 
 
 @pytest.mark.parametrize("rank", [None, 4])  # every eigenpair; or the top 4 with the rest flat
-def test_preconditioner_inverts_the_hessian_at_the_start(monkeypatch, rank):
+def test_preconditioner_inverts_the_hessian_at_the_start(rank):
     X, y = blobs(400, n_dims=24, n_classes=4, spread=2.0)
     X = torch.from_numpy((X - X.mean(0)) / X.std(0))
     if rank:  # make the spectrum low rank plus a flat rest, which the estimate then captures exactly
         X = X[:, :rank] @ torch.randn(rank, 24, generator=torch.Generator().manual_seed(0)) + 0.1 * X
-        monkeypatch.setattr(pipeline.heads, "SPECTRUM_RANK", rank)
-        monkeypatch.setattr(pipeline.heads, "SPECTRUM_ROWS", 400)
+        spectrum = FeatureSpectrum(X, seed=0, rows=400, rank=rank)
+    else:
+        spectrum = FeatureSpectrum(X, seed=0)
     strength = 0.03
-    spectrum = pipeline.heads._FeatureSpectrum(X, seed=0)
     assert (spectrum.rest is None) == (rank is None)
-    preconditioner = pipeline.heads._Preconditioner(spectrum, torch.tensor([strength]), 4)
+    preconditioner = Preconditioner(spectrum, strengths=torch.tensor([strength]), n_classes=4)
     zero = torch.zeros(25, 4)
     hessian = torch.autograd.functional.hessian(
         lambda p: mean_cross_entropy(p, X, torch.from_numpy(y), strength), zero).reshape(100, 100)
@@ -232,14 +233,20 @@ def test_preconditioner_inverts_the_hessian_at_the_start(monkeypatch, rank):
                                rtol=1e-4, atol=1e-6)
 
 
-def test_low_rank_preconditioning_reaches_the_same_solution(monkeypatch):
-    X, y = blobs(600, n_dims=40, n_classes=3, spread=3.0, seed=5)
-    full = LinearProbe(grid=[1e-2, 1e-1], tol=1e-6, max_iter=500).fit(X[:400], y[:400], X[400:], y[400:])
-    monkeypatch.setattr(pipeline.heads, "SPECTRUM_RANK", 4)  # 40 dims > 4 * 4: the randomized path
-    low = LinearProbe(grid=[1e-2, 1e-1], tol=1e-6, max_iter=500).fit(X[:400], y[:400], X[400:], y[400:])
-    assert low.grid_scores_ == full.grid_scores_
-    np.testing.assert_allclose(low.weight_, full.weight_, atol=2e-3)
-    assert low.converged_ and full.converged_
+def standardized_problem(n=400, n_dims=8, seed=0):
+    """Three standardised blobs as tensors, with the uniform sample weights of an unbalanced fit."""
+    X, y = blobs(n, n_dims=n_dims, n_classes=3, spread=3.0, seed=seed)
+    return torch.from_numpy((X - X.mean(0)) / X.std(0)), torch.from_numpy(y), torch.full((n,), 1 / n)
+
+
+def test_low_rank_preconditioning_reaches_the_same_solution():
+    X, y, sw = standardized_problem(n=600, n_dims=40, seed=5)
+    strengths = torch.tensor([1e-2, 1e-1])
+    full, low = (fit_multinomial(X, y, sw, strengths, torch.zeros(2, 41, 3), spectrum, max_iter=500, tol=1e-6)
+                 for spectrum in (FeatureSpectrum(X, seed=0),  # 40 dims <= 4 * 128: every eigenpair
+                                  FeatureSpectrum(X, seed=0, rank=4)))  # 40 dims > 4 * 4: the randomized path
+    torch.testing.assert_close(low.params, full.params, atol=2e-3, rtol=0)
+    assert low.stop == full.stop == ["converged", "converged"]
 
 
 def test_one_strength_is_fitted_once_on_train_and_val():
@@ -279,10 +286,72 @@ def test_line_search_first_tries_no_further_than_a_parabola_floored_at_zero():
         residual = P - targets[rows]
         return residual.square().flatten(1).sum(1, dtype=torch.float64) / 2, residual
 
-    params, n_iter = batched_lbfgs(objective, torch.zeros(2, 4, 3), 20, 1e-5, ScaledIdentity(torch.tensor([1e4, 1e-2])))
+    result = batched_lbfgs(objective, torch.zeros(2, 4, 3), max_iter=20, tol=1e-5,
+                           preconditioner=ScaledIdentity(torch.tensor([1e4, 1e-2])), lower_bound=0.0)
+    params, n_iter = result.params, result.n_iter
     first_trial, rows = trials[1]  # trials[0] is the start
     assert rows.tolist() == [0, 1]
     torch.testing.assert_close(first_trial[0], targets[0])
     torch.testing.assert_close(first_trial[1], targets[1] / 100)
     torch.testing.assert_close(params, targets, rtol=0, atol=1e-4)  # and both are solved
     assert n_iter[0] == 1, "the capped first step is exact here"
+
+
+def test_a_well_posed_problem_stops_converged_with_a_small_gradient():
+    X, y, sw = standardized_problem()
+    strengths = torch.tensor([1e-3, 1e-1])
+    result = fit_multinomial(X, y, sw, strengths, torch.zeros(2, 9, 3), FeatureSpectrum(X, seed=0),
+                             max_iter=100, tol=1e-4)
+    assert result.stop == ["converged", "converged"] and max(result.n_iter) < 100
+    _, grad = multinomial_loss_and_grad(X, y, sw, result.params, strengths)
+    assert grad.flatten(1).abs().amax(1).max() <= 1e-4
+
+
+def test_one_iteration_stops_at_max_iter():
+    X, y, sw = standardized_problem()
+    strengths = torch.tensor([1e-3, 1e-1])
+    result = fit_multinomial(X, y, sw, strengths, torch.zeros(2, 9, 3), FeatureSpectrum(X, seed=0),
+                             max_iter=1, tol=1e-8)
+    assert result.stop == ["max_iter", "max_iter"] and result.n_iter == [1, 1]
+
+
+def test_a_model_whose_loss_turns_nan_stops_in_the_line_search_at_its_last_accepted_step():
+    X, y, sw = standardized_problem()
+    strengths = torch.tensor([1e-3, 1e-3])
+    evaluations, trials = [0, 0], []
+
+    def objective(P, rows):  # model 1 is fine at the start and at its first trial, NaN after
+        loss, grad = multinomial_loss_and_grad(X, y, sw, P, strengths[rows])
+        for i, model in enumerate(rows.tolist()):
+            evaluations[model] += 1
+            if model == 1 and evaluations[1] == 2:
+                trials.append(P[i].clone())
+            if model == 1 and evaluations[1] > 2:
+                loss[i], grad[i] = float("nan"), float("nan")
+        return loss, grad
+
+    spectrum = FeatureSpectrum(X, seed=0)
+    result = batched_lbfgs(objective, torch.zeros(2, 9, 3), max_iter=100, tol=1e-4, lower_bound=0.0,
+                           preconditioner=Preconditioner(spectrum, strengths=strengths, n_classes=3))
+    assert result.stop == ["converged", "line_search"]
+    assert result.n_iter[1] == 1  # the first step was accepted, every later trial was NaN
+    torch.testing.assert_close(result.params[1], trials[0], atol=0, rtol=0)
+    assert torch.isfinite(result.params).all()
+
+
+@pytest.mark.parametrize("cls", [LinearProbe, SklearnProbe])
+def test_probes_record_why_each_fit_stopped(cls):
+    X, y = blobs(400, spread=2.0)
+    converged = cls(grid=[1e-3, 1e-1], selection="val").fit(X[:300], y[:300], X[300:], y[300:])
+    assert converged.stop_ == {"sweep": ["converged", "converged"], "refit": "converged"}
+    assert converged.converged_ and as_head(converged).training["stop"] == converged.stop_
+    stopped = cls(grid=[1e-3, 1e-1], max_iter=1, tol=1e-8, selection="val").fit(X[:300], y[:300], X[300:], y[300:])
+    assert stopped.stop_ == {"sweep": ["max_iter", "max_iter"], "refit": "max_iter"}
+    assert not stopped.converged_ and as_head(stopped).training["converged"] is False
+
+
+def test_probe_parameters_are_keywords():
+    with pytest.raises(TypeError):
+        LinearProbe([1e-3])
+    with pytest.raises(TypeError):
+        SklearnProbe([1e-3])

@@ -201,7 +201,7 @@ def test_changed_settings_never_mix_into_an_old_file(extracted, run_cli):
     before = read_plain(out)
     result = run_cli("extract", data, "--out", out, "--model", "resnet18", "--weights", "none",
                      "--image-size", "40", "--workers", "0")
-    assert_clean_error(result, str(out), "--overwrite")
+    assert_clean_error(result, str(out), "--overwrite", "transform.crop: 32 in the file, 40 now")
     after = read_plain(out)
     assert after["attrs"]["fingerprint"] == before["attrs"]["fingerprint"]
     np.testing.assert_array_equal(after["features"], before["features"])

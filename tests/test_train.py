@@ -21,6 +21,10 @@ def test_streamed_minibatch_head_learns_like_the_full_batch_one(image_folder, ru
                        "--max-epochs", "15")
     assert full.exit_code == 0 and streamed.exit_code == 0, streamed.output
     assert "refit_epochs" in LinearHead.load(tmp_path / "mini.pt").training["n_iter"]  # the streamed path ran
+    training = LinearHead.load(tmp_path / "full.pt").training  # the head file says why each L-BFGS fit stopped
+    reasons = [*training["stop"]["sweep"], training["stop"]["refit"]]
+    assert len(reasons) == 17 and set(reasons) <= {"converged", "max_iter", "line_search"}
+    assert training["converged"] == (set(reasons) == {"converged"})
     for head in ("full.pt", "mini.pt"):
         assert evaluate_head(features, tmp_path / head, "test")["accuracy"] == 1.0
 

@@ -1,5 +1,5 @@
 """The backbone zoo: torchvision and timm families, documented feature dims, --layer, --pool,
---tta, the timm weight sources and `pipe models` (pipeline.backbones, pipeline.catalog)."""
+--tta, the timm weight sources and `pipe models` (pipeline.backbones)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from pipeline.backbones import read_state_dict, rename_lite0_keys, resolve_backbone
+from pipeline.backbones import resolve_backbone
+from pipeline.backbones.packaged import rename_lite0_keys
+from pipeline.backbones.weights import read_state_dict
 from pipeline.errors import PipeError
 from pipeline.extract import extract_features
 
@@ -139,7 +141,7 @@ def test_timm_default_weights_come_from_the_hf_cache(hf_cache):
     repo = timm.models.get_pretrained_cfg("convnext_atto").hf_hub_id
     fake_hf_cache(hf_cache, repo, trained.state_dict())
     spec = resolve_backbone("timm:convnext_atto", "DEFAULT", 32)
-    assert spec.weights_id == f"hf:{repo}@0123456789ab"
+    assert spec.weights.id == f"hf:{repo}@0123456789ab"
     assert spec.transform.interpolation == "bicubic" and spec.transform.crop == 32
     x = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(features_of(spec.build().module, x), features_of(trained.reset_classifier(0) or trained, x))
@@ -180,7 +182,7 @@ def test_layer_gives_the_documented_dim(name):
 
 def test_layer_features_are_the_average_pooled_layer_output():
     spec = resolve_backbone("resnet18", "none", 32, layer="layer3")
-    full = resolve_backbone("resnet18", "none", 32).build_classifier()
+    full = resolve_backbone("resnet18", "none", 32).weights.load().eval()
     x = torch.rand(2, 3, 32, 32)
     with torch.inference_mode():
         h = full.maxpool(full.relu(full.bn1(full.conv1(x))))

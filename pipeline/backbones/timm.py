@@ -1,9 +1,10 @@
-"""The timm family of the backbone registry: ``--model timm:ARCH[.TAG]``.
+"""The timm family: ``--model timm:ARCH[.TAG]``, every architecture timm registers.
 
 timm describes each architecture's eval transform in its pretrained config, so the transform
 comes from ``timm.data.resolve_data_config`` (resize = crop / crop_pct, the model's own
 interpolation and normalisation, CLIP/TF-style means included). Weights come from the Hugging Face
 hub cache when present, never from the network: offline-first, with one clear error otherwise.
+Layers are timm's feature modules (``features_only``); pooling is timm's ``global_pool``.
 """
 
 from __future__ import annotations
@@ -11,14 +12,17 @@ from __future__ import annotations
 import difflib
 import math
 import os
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .data import EvalTransform
-from .errors import PipeError
+from ..data import EvalTransform
+from ..errors import PipeError
+from .pooling import SPATIAL_POOLS, TOKEN_POOLS, PooledLayer, check_pool
+from .spec import CatalogEntry, Family, Features, Weights, is_meta
+from .weights import common_weights, read_state_dict, seeded
 
 PREFIX = "timm:"
 HF_FILENAMES = ("model.safetensors", "pytorch_model.bin")  # what timm publishes on the hub, in its order
@@ -30,19 +34,11 @@ def _timm():
     return timm
 
 
-def is_timm_name(name: str) -> bool:
-    return name.startswith(PREFIX)
-
-
-def timm_names() -> list[str]:
-    return [PREFIX + arch for arch in _timm().list_models()]
-
-
 def model_name(name: str) -> str:
     """``timm:convnext_tiny.fb_in1k`` -> ``convnext_tiny.fb_in1k`` (what timm.create_model takes),
     checked against timm's registry."""
     timm = _timm()
-    full = name[len(PREFIX):] if is_timm_name(name) else name
+    full = name.removeprefix(PREFIX)
     arch, tag = timm.models.split_model_name_tag(full)
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
@@ -58,7 +54,7 @@ def pretrained_cfg(full_name: str):
     return _timm().models.get_pretrained_cfg(full_name)
 
 
-def family_of(arch: str) -> str:
+def module_of(arch: str) -> str:
     """The timm module that defines ``arch`` (resnet, convnext, vision_transformer, ...)."""
     from timm.models import _registry
 
@@ -127,13 +123,6 @@ def weights_file(full_name: str) -> Path:
     return found
 
 
-def weights_id(full_name: str) -> str:
-    """DEFAULT weights are identified by hub repository and snapshot (commit) in the cache."""
-    path = weights_file(full_name)
-    commit = path.parent.name if path.parent.parent.name == "snapshots" else "?"
-    return f"hf:{pretrained_cfg(full_name).hf_hub_id}@{commit[:12]}"
-
-
 def create(full_name: str, state: dict | None, source: str = "", **kwargs) -> nn.Module:
     """``timm.create_model`` with ``state`` (a state_dict already read safely) loaded through
     timm's own pretrained path (checkpoint filters, classifier dropped for ``num_classes=0``
@@ -192,5 +181,109 @@ def default_pool(model: nn.Module) -> str | None:
 TIMM_GLOBAL_POOL = {"cls": "token", "mean-tokens": "avg", "avg": "avg", "max": "max"}
 
 
-def is_timm_arch(name: str) -> bool:
-    return _timm().is_model(_timm().models.get_arch_name(name))
+def _build(full_name: str, state: dict | None, source: str, **kwargs) -> nn.Module:
+    return create(full_name, state, source, **kwargs)
+
+
+def _layer_index(spec, layers: list[str]) -> int:
+    if spec.layer in layers:
+        return layers.index(spec.layer)
+    if spec.layer.lstrip("-").isdigit() and -len(layers) <= int(spec.layer) < len(layers):
+        return int(spec.layer) % len(layers)
+    close = difflib.get_close_matches(spec.layer, layers, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise PipeError(f"{spec.name} has no layer {spec.layer!r}; {hint}choose one of {', '.join(layers)} "
+                    "(or its index)")
+
+
+class TimmFamily(Family):
+    """``timm:ARCH[.TAG]`` names; a subclass may serve a timm architecture under its own name
+    (:meth:`arch`) with weights from elsewhere (:meth:`published_weights`)."""
+
+    name = "timm"
+
+    def owns(self, name: str) -> bool:
+        return name.startswith(PREFIX)
+
+    def names(self, everything: bool = False) -> list[str]:
+        return [PREFIX + arch for arch in _timm().list_models()] if everything else []
+
+    def canonical(self, name: str) -> str:
+        return PREFIX + model_name(name)
+
+    def alias_of(self, name: str) -> str | None:
+        return PREFIX + name if _timm().is_model(_timm().models.get_arch_name(name)) else None
+
+    def arch(self, name: str) -> str:
+        """What ``timm.create_model`` takes for the canonical ``--model`` name."""
+        return name.removeprefix(PREFIX)
+
+    def resolve_weights(self, name: str, given: str) -> Weights:
+        full = self.arch(name)
+        transform = transform_of(full)
+        return common_weights(given, transform, partial(_build, full)) or self.published_weights(name, given, transform)
+
+    def published_weights(self, name: str, given: str, transform: EvalTransform) -> Weights:
+        """DEFAULT weights: the Hugging Face cache, identified by repository and snapshot (commit)."""
+        if given.upper() != "DEFAULT":
+            raise PipeError(f"{name} takes --weights DEFAULT (Hugging Face cache), none, or a file; got "
+                            f"{given!r}; other pretrained weights are tags: --model {name}.TAG")
+        full = self.arch(name)
+        path = weights_file(full)
+        commit = path.parent.name if path.parent.parent.name == "snapshots" else "?"
+        return Weights(given, f"hf:{pretrained_cfg(full).hf_hub_id}@{commit[:12]}", transform, str(path),
+                       partial(seeded, partial(_build, full), str(path), partial(read_state_dict, path)))
+
+    def _size_kwargs(self, spec) -> dict:
+        """Models that fix their input size (ViTs) are built for the crop when it differs."""
+        cfg = pretrained_cfg(self.arch(spec.name))
+        fixed = cfg is not None and cfg.fixed_input_size
+        return {"img_size": spec.transform.crop} if fixed and spec.transform.crop != cfg.input_size[-1] else {}
+
+    def _structure(self, spec) -> nn.Module:
+        return create_on_meta(self.arch(spec.name), **self._size_kwargs(spec))
+
+    def _create(self, spec, device, **kwargs) -> nn.Module:
+        kwargs = {**self._size_kwargs(spec), **kwargs}
+        if is_meta(device):
+            return create_on_meta(self.arch(spec.name), cached=False, **kwargs)  # the caller may modify it
+        return spec.weights.load(**kwargs)
+
+    def feature_module(self, spec, device) -> Features:
+        if spec.layer:
+            layers = feature_layers(self._structure(spec))
+            index = _layer_index(spec, layers)
+            check_pool(spec.pool, SPATIAL_POOLS, f"layer {spec.layer} of {spec.name} (a feature map)")
+            net = self._create(spec, device, features_only=True, out_indices=(index,))
+            channels_last = str(getattr(net, "output_fmt", "NCHW")).endswith("NHWC")
+            return Features(PooledLayer(net, spec.pool or "avg", channels_last), int(net.feature_info.channels()[-1]),
+                            "avg", layers[index])
+        kwargs, default = {"num_classes": 0}, None
+        if spec.pool:
+            structure = self._structure(spec)
+            default = default_pool(structure)
+            tokens = is_token_model(structure)
+            what = "a transformer's tokens" if tokens else "a feature map"
+            check_pool(spec.pool, TOKEN_POOLS if tokens else SPATIAL_POOLS, f"{spec.name} ({what})")
+            if spec.pool == "cls" and not getattr(structure, "num_prefix_tokens", 0):
+                raise PipeError(f"{spec.name} has no class token; use --pool mean-tokens")
+            kwargs["global_pool"] = TIMM_GLOBAL_POOL[spec.pool]
+        model = self._create(spec, device, **kwargs)
+        dim = getattr(model, "head_hidden_size", None) or model.num_features
+        return Features(model, int(dim), default, None)
+
+    def catalog(self, wanted, everything):
+        """Every architecture when ``everything``; otherwise only those whose weights are cached."""
+        cached = cached_repos()
+        for arch in _timm().list_models():
+            cfg = pretrained_cfg(arch)
+            if not (everything or (cfg is not None and cfg.hf_hub_id in cached)):
+                continue
+            family = module_of(arch)
+            if wanted(arch, family):
+                path = cached_weights_file(arch) if cfg is not None and cfg.hf_hub_id in cached else None
+                yield CatalogEntry(PREFIX + arch, family, None, default_input_size(arch),
+                                   f"HF cache {path}" if path else None)
+
+
+FAMILY = TimmFamily()

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..errors import PipeError
+
 SPATIAL_POOLS = ("avg", "max")  # over H x W of a feature map
 TOKEN_POOLS = ("cls", "mean-tokens")  # over the tokens of a transformer
 POOLS = SPATIAL_POOLS + TOKEN_POOLS
@@ -31,6 +33,13 @@ def pool_output(x: torch.Tensor, pool: str, channels_last: bool = False, prefix_
             return x[:, 0]
         return x[:, prefix_tokens:].mean(dim=1)
     raise ValueError(f"cannot pool an output of shape {tuple(x.shape)}")
+
+
+def check_pool(pool: str | None, allowed: tuple[str, ...], what: str) -> None:
+    """PipeError unless ``pool`` (None: the model's own) applies to ``what``, whose output takes ``allowed``."""
+    if pool is not None and pool not in allowed:
+        use = f": use {' or '.join(allowed)}" if allowed else ""
+        raise PipeError(f"--pool {pool} does not apply to {what}{use}")
 
 
 def output_kind(ndim: int) -> str:

@@ -1,0 +1,130 @@
+"""Feature matrices as the heads read them: row chunks, standardising, statistics, checks.
+
+A feature matrix is an (N, D) ndarray or any 2-D array-like with ``.shape`` and row
+slicing (an ``h5py.Dataset``, a :class:`RowSubset`), read ``CHUNK_ROWS`` rows at a time so
+memory stays bounded. Used by the head file (prediction) and by the probes (training).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.errors import PipeError
+
+CHUNK_ROWS = 8192
+
+
+def row_chunks(n_rows, size=CHUNK_ROWS):
+    """Yield ``(start, stop)`` of consecutive row blocks covering ``n_rows``."""
+    for start in range(0, n_rows, size):
+        yield start, min(start + size, n_rows)
+
+
+def standardize(x, mean, std, out=None):
+    """Return ``x`` as float32, standardised when ``mean``/``std`` are given.
+
+    With ``out`` (a float32 array of ``x``'s shape) the result is written there, in place.
+    """
+    if out is None:
+        x = np.asarray(x, dtype=np.float32)
+        return x if mean is None else (x - mean) / std
+    out[:] = x
+    if mean is not None:
+        out -= mean
+        out /= std
+    return out
+
+
+class RowSubset:
+    """A lazy view of some rows of a 2-D array-like (e.g. the train rows of an HDF5 file).
+
+    Supports ``.shape`` and ``view[a:b]``, which is all the mini-batch path reads; each
+    slice reads only its own rows (``rows`` are sorted, as h5py requires).
+    """
+
+    def __init__(self, data, rows):
+        self.data = data
+        self.rows = np.sort(np.asarray(rows, dtype=np.int64))
+
+    @property
+    def shape(self):
+        return (len(self.rows), self.data.shape[1])
+
+    def __getitem__(self, index):
+        return np.asarray(self.data[self.rows[index]])
+
+
+def check_split(X, y, name):
+    """Validate one split's shapes and labels; return ``y`` as int64."""
+    if getattr(X, "ndim", len(getattr(X, "shape", ()))) != 2:
+        raise PipeError(f"{name} features must be a 2-D array (samples x dimensions)")
+    y = np.asarray(y)
+    if y.ndim != 1 or len(y) != X.shape[0]:
+        raise PipeError(f"{name} has {X.shape[0]} feature rows but {y.size} labels")
+    if len(y) == 0:
+        raise PipeError(f"{name} split is empty; every class needs labelled images there")
+    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+        raise PipeError(f"{name} labels must be non-negative class indices")
+    return y.astype(np.int64)
+
+
+def feature_stats(parts):
+    """Per-dimension mean and std over all rows of ``parts``; rejects NaN/inf features.
+
+    ``parts`` is a list of ``(name, X, y)``. Reads each ``X`` in row chunks and
+    accumulates in float64 without a float64 copy.
+    """
+    n_dims = parts[0][1].shape[1]
+    total, total_sq, count = np.zeros(n_dims), np.zeros(n_dims), 0
+    for name, X, _ in parts:
+        part_sum = np.zeros(n_dims)
+        for start, stop in row_chunks(X.shape[0]):
+            x = np.asarray(X[start:stop], dtype=np.float32)
+            part_sum += x.sum(axis=0, dtype=np.float64)
+            total_sq += np.einsum("ij,ij->j", x, x, dtype=np.float64)
+        if not np.isfinite(part_sum).all():
+            raise PipeError(f"{name} features contain NaN or infinity; re-extract them")
+        total += part_sum
+        count += X.shape[0]
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - np.square(mean), 0.0))
+    std[std < 1e-6 * max(std.max(), 1e-12)] = 1.0  # constant dimensions: leave unscaled
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def take_rows(X, rows):
+    """Rows ``rows`` (sorted indices) of ``X``: a copy of an ndarray's, a lazy
+    :class:`RowSubset` of anything else (an ``h5py.Dataset``)."""
+    return X[rows] if isinstance(X, np.ndarray) else RowSubset(X, rows)
+
+
+def class_weights(y, n_classes, balanced):
+    """Loss weight of each class: 1, or ``n / (n_present_classes * count)`` when balanced."""
+    if not balanced:
+        return np.ones(n_classes, dtype=np.float32)
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.zeros(n_classes)
+    weights[present] = len(y) / (present.sum() * counts[present])
+    return weights.astype(np.float32)
+
+
+def accuracies(weights, biases, X, y, mean, std):
+    """Accuracy of each of K linear models (K, C, D) / (K, C) on ``(X, y)``, chunked; ``y``
+    holds class positions (rows of the weights)."""
+    n_models, n_classes, n_dims = weights.shape
+    stacked = np.ascontiguousarray(weights.transpose(2, 0, 1).reshape(n_dims, -1))
+    correct = np.zeros(n_models, dtype=np.int64)
+    for start, stop in row_chunks(X.shape[0]):
+        scores = standardize(X[start:stop], mean, std) @ stacked
+        predicted = (scores.reshape(-1, n_models, n_classes) + biases).argmax(axis=2)
+        correct += (predicted == y[start:stop, None]).sum(axis=0)
+    return correct / X.shape[0]
+
+
+def parts_accuracies(weights, biases, parts, classes, mean, std):
+    """Accuracy (K,) of K linear models over all rows of ``parts`` ``[(name, X, y), ...]``,
+    whose labels ``y`` are class indices (``classes`` lists those the weights' rows stand for)."""
+    correct = sum(accuracies(weights, biases, X, np.searchsorted(classes, y), mean, std) * len(y)
+                  for _, X, y in parts)
+    return correct / sum(len(y) for _, _, y in parts)

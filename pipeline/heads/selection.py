@@ -1,0 +1,154 @@
+"""How a probe's L2 strength is chosen: on the validation split, on a hold-out, by k-fold
+cross-validation, or not at all (a documented default).
+
+The rows a probe may learn from (train, plus val when given) form the *pool*. A selection is
+a list of *splits* of the pool, each a boolean mask of the rows to score on (the rest are fitted
+on); the whole strength grid is fitted on each split's fit rows at once, and the grid scores are
+the mean accuracy over splits. With ``mode="auto"``:
+
+1. one strength given: nothing to choose (``"given"``), a single fit on the pool;
+2. a validation split of at least ``min_rows`` images: select on it (``"val"``);
+3. else a seeded, stratified ``HOLDOUT_FRACTION`` of the pool, if that holds at least
+   ``min_rows`` images (``"holdout"``);
+4. else stratified k-fold cross-validation over the pool, k = min(``MAX_FOLDS``, smallest
+   class count) (``"cv"``);
+5. else (a class with a single image) nothing can be chosen: ``DEFAULT_STRENGTH`` is fitted
+   (``"default"``).
+
+``mode="val"`` is 1-2, else a hold-out of the pool (step 3 whatever its size); ``mode="cv"``
+skips 2 and 3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from sklearn.model_selection import StratifiedKFold
+
+from pipeline.errors import PipeError
+from pipeline.heads.features import take_rows
+
+MODES = ("auto", "val", "cv")
+HOLDOUT_FRACTION = 0.2
+MAX_FOLDS = 5
+# Below this many images, one validation split chooses the strength by noise (provisional:
+# bench/selection.py measures it).
+MIN_SELECTION_ROWS = 500
+# The strength fitted when nothing can be chosen (one image in some class; provisional).
+DEFAULT_STRENGTH = 0.1
+
+
+@dataclass
+class Selection:
+    """How the strength was chosen (what ``training["selection"]`` records).
+
+    ``method`` is one of "given", "val", "holdout", "cv", "default"; ``folds`` the number of
+    splits scored (0 for "given" and "default"); ``n_fit``/``n_score`` the rows fitted and
+    scored per split (for "cv", summed over folds); ``n_pool`` the rows of train + val;
+    ``smallest_class`` the fewest images of one class in the pool; ``reason`` a short phrase
+    saying why this method was used.
+    """
+
+    method: str
+    folds: int
+    n_fit: int
+    n_score: int
+    n_pool: int
+    smallest_class: int
+    reason: str
+
+    def record(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        """A phrase for the CLI: how the strength was chosen and why."""
+        what = {
+            "given": "the only strength given, fitted on train + val",
+            "val": f"chosen on the val split ({self.n_score} images)",
+            "holdout": f"chosen on a {HOLDOUT_FRACTION:.0%} hold-out of train + val ({self.n_score} images)",
+            "cv": f"chosen by {self.folds}-fold cross-validation over train + val ({self.n_pool} images)",
+            "default": "the default: nothing could be chosen",
+        }[self.method]
+        return f"{what}; {self.reason}" if self.reason else what
+
+
+def plan_selection(labels, n_strengths, *, mode="auto", seed=0, min_rows=MIN_SELECTION_ROWS):
+    """Decide how to choose among ``n_strengths`` strengths.
+
+    ``labels`` lists each pool part's labels, train first, then val when given. Returns the
+    :class:`Selection` and its splits: boolean masks over the pool's rows (parts in order),
+    True where a row is scored.
+    """
+    if mode not in MODES:
+        raise PipeError(f"unknown selection {mode!r}; choose one of {', '.join(MODES)}")
+    pool = np.concatenate(labels)
+    counts = np.bincount(pool)
+    smallest = int(counts[counts > 0].min())
+    n_pool, n_val = len(pool), len(labels[1]) if len(labels) > 1 else 0
+
+    def selection(method, splits, reason):
+        n_score = int(sum(mask.sum() for mask in splits))
+        return Selection(method, len(splits), len(splits) * n_pool - n_score, n_score, n_pool, smallest,
+                         reason), splits
+
+    if n_strengths == 1:
+        return selection("given", [], "")
+    if mode != "cv" and n_val and (n_val >= min_rows or mode == "val"):
+        return selection("val", [np.arange(n_pool) >= n_pool - n_val], "")
+    held = _holdout_mask(pool, seed)
+    if mode == "val" or (mode == "auto" and held.sum() >= min_rows):
+        if not held.any():
+            raise PipeError(f"train + val have {n_pool} images, too few to hold any out for choosing the "
+                            "strength; give one --grid value or add images")
+        small = f"val has {n_val} images, fewer than {min_rows}" if n_val else "no val split"
+        return selection("holdout", [held], small if mode == "auto" else "")
+    if smallest >= 2:
+        k = min(MAX_FOLDS, smallest)
+        folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(n_pool), pool)
+        masks = [np.isin(np.arange(n_pool), scored) for _, scored in folds]
+        why = (f"val has {n_val} images" if n_val else "no val split") + \
+            (f" and a hold-out would have {held.sum()}, fewer than {min_rows}" if mode == "auto" else "")
+        return selection("cv", masks, why)
+    return selection("default", [], f"a class has a single image in train + val, so strength "
+                                    f"{DEFAULT_STRENGTH:g} is fitted on every image")
+
+
+def _holdout_mask(pool, seed):
+    """A seeded, stratified hold-out of about ``HOLDOUT_FRACTION`` of ``pool`` (labels): in
+    each class that fraction rounded, but never the class's last image (it stays fitted)."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(pool), dtype=bool)
+    for label in np.unique(pool):
+        rows = rng.permutation(np.flatnonzero(pool == label))
+        mask[rows[:min(int(round(HOLDOUT_FRACTION * len(rows))), len(rows) - 1)]] = True
+    return mask
+
+
+def split_parts(parts, mask):
+    """``parts`` ``[(name, X, y), ...]`` divided by ``mask`` (over their concatenated rows):
+    the parts to fit on (mask False) and to score on (mask True), empty parts left out."""
+    fit, score, offset = [], [], 0
+    for name, X, y in parts:
+        here = mask[offset: offset + len(y)]
+        offset += len(y)
+        for side, rows in ((fit, np.flatnonzero(~here)), (score, np.flatnonzero(here))):
+            if len(rows):
+                side.append((name, take_rows(X, rows), y[rows]))
+    return fit, score
+
+
+def merge_records(records):
+    """One record per strength from the splits' records (``{"n_iter": [...], "stop": [...] or
+    None, "epochs": [...] or None}``): the most iterations, the first reason that is not
+    "converged" (a strength converged only if it did in every split), the mean best epoch."""
+    def per_strength(key, combine):
+        if records[0][key] is None:
+            return None
+        return [combine(values) for values in zip(*(r[key] for r in records))]
+
+    return {
+        "n_iter": per_strength("n_iter", max),
+        "stop": per_strength("stop", lambda reasons: next((r for r in reasons if r != "converged"), "converged")),
+        "epochs": per_strength("epochs", lambda values: max(int(round(np.mean(values))), 1)),
+    }

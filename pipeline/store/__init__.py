@@ -1,0 +1,13 @@
+"""The HDF5 feature file and the crash-safe extraction cache: the only code that touches h5py.
+
+:mod:`.feature_file` is the schema (reading, writing, merging shards), :mod:`.parts` the part
+files of an unfinished extraction, :mod:`.cache` one extraction's lock, resume and commit,
+:mod:`.files` atomic publishing and the writer lock.
+"""
+
+from .cache import CommitResult, ExtractionCache
+from .feature_file import (FEATURE_DTYPES, FeatureSet, FileRows, Rows, feature_matrix, is_feature_file,
+                           is_up_to_date, merge_feature_files, read_features)
+
+__all__ = ["FEATURE_DTYPES", "CommitResult", "ExtractionCache", "FeatureSet", "FileRows", "Rows", "feature_matrix",
+           "is_feature_file", "is_up_to_date", "merge_feature_files", "read_features"]

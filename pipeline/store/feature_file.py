@@ -1,0 +1,280 @@
+"""The feature file's HDF5 schema: reading it, writing one (atomically), and merging shards.
+
+A feature file is never modified in place: a new one is written to a temporary name and renamed
+over the old (see :mod:`.files`); the extraction cache (:mod:`.cache`) decides what goes in it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import PipeError
+from .files import atomic_h5, lock_output, writable_bytes
+
+SCHEMA_VERSION = 1
+FEATURE_DTYPES = ("float16", "float32")
+_STR = h5py.string_dtype("utf-8")
+_MERGE_ROWS = 8192  # rows copied per step when merging: bounds memory on huge caches
+
+
+Key = tuple[str, int, int]  # an image as extraction knows it: (path, size, mtime_ns)
+
+
+@dataclass
+class Rows:
+    """Images to store, each identified by (path, size, mtime_ns); ``source_paths`` are the
+    names to open (they differ from ``paths`` only for names that are not valid UTF-8)."""
+
+    paths: list[str]
+    size: np.ndarray
+    mtime_ns: np.ndarray
+    source_paths: list[str] | None = None
+
+    def keys(self):
+        return zip(self.paths, self.size.tolist(), self.mtime_ns.tolist())
+
+
+@dataclass
+class FileRows:
+    """Everything a feature file holds per image except the features: the rows in file order,
+    and the images that could not be read."""
+
+    paths: list[str]
+    size: np.ndarray
+    mtime_ns: np.ndarray
+    labels: np.ndarray
+    split: np.ndarray
+    classes: list[str]
+    failed_paths: list[str]
+    failed_errors: list[str]
+
+    def same_as(self, other: FileRows) -> bool:
+        """Whether ``other`` describes exactly the same rows and failures."""
+        return all(np.array_equal(np.asarray(getattr(self, f.name)), np.asarray(getattr(other, f.name)))
+                   for f in dataclasses.fields(FileRows))
+
+
+@dataclass
+class FeatureSet(FileRows):
+    """A feature file read into memory (``features`` as float32 unless ``with_features=False``)."""
+
+    path: Path
+    features: np.ndarray | None
+    attrs: dict
+
+    @property
+    def fingerprint(self) -> str:
+        return self.attrs["fingerprint"]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def split_counts(self) -> dict[str, int]:
+        return {s: int((self.split == s).sum()) for s in ("train", "val", "test")}
+
+    def row_indices(self, split: str) -> np.ndarray:
+        """Sorted row numbers of one split; PipeError if it has no samples."""
+        rows = np.flatnonzero(self.split == split)
+        if not len(rows):
+            counts = ", ".join(f"{k}={v}" for k, v in self.split_counts().items())
+            raise PipeError(f"split {split!r} of {self.path} has no samples ({counts})")
+        return rows
+
+    def rows(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(features, labels) of one split; PipeError if it has no samples."""
+        rows = self.row_indices(split)
+        return self.features[rows], self.labels[rows]
+
+
+def _attr(f: h5py.File, name: str):
+    value = f.attrs[name]
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def read_features(path, with_features: bool = True) -> FeatureSet:
+    """Read and validate a feature file; a missing, truncated or foreign file is a PipeError."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipeError(f"feature file {path} does not exist; run `pipe extract` first")
+    try:
+        with h5py.File(path, "r") as f:
+            if "schema_version" not in f.attrs or "features" not in f:
+                raise PipeError(f"{path} is an HDF5 file but not a pipe feature file (no schema_version/features)")
+            if int(f.attrs["schema_version"]) != SCHEMA_VERSION:
+                raise PipeError(f"{path} has feature schema {f.attrs['schema_version']}, this pipe reads "
+                                f"{SCHEMA_VERSION}; re-run pipe extract with --overwrite")
+            attrs = {k: _attr(f, k) for k in f.attrs}
+            for key in ("classes", "transform", "identity", "request"):
+                if key in attrs:
+                    attrs[key] = json.loads(attrs[key])
+            failed = f["failed"]
+            return FeatureSet(
+                path=path,
+                features=f["features"][:].astype(np.float32) if with_features else None,
+                labels=f["labels"][:],
+                paths=f["paths"].asstr()[:],
+                split=f["split"].asstr()[:],
+                size=f["file_size"][:],
+                mtime_ns=f["file_mtime_ns"][:],
+                classes=attrs["classes"],
+                attrs=attrs,
+                failed_paths=list(failed["paths"].asstr()[:]),
+                failed_errors=list(failed["errors"].asstr()[:]),
+            )
+    except PipeError:
+        raise
+    except (OSError, KeyError, ValueError) as exc:
+        raise PipeError(f"{path} is not a readable pipe feature file ({type(exc).__name__}: {exc}); "
+                        "re-run pipe extract with --overwrite") from None
+
+
+@contextmanager
+def feature_matrix(path):
+    """The ``features`` dataset of a feature file, open for lazy row reads (h5py.Dataset),
+    for heads trained on features larger than memory."""
+    with h5py.File(path, "r") as f:
+        yield f["features"]
+
+
+def write_strings(group, name: str, values) -> None:
+    group.create_dataset(name, data=np.array(list(values), dtype=object), dtype=_STR)
+
+
+def write_failed(group, paths, errors, size=None, mtime_ns=None) -> None:
+    """The ``failed`` group; parts also keep each file's (size, mtime) to resume by."""
+    write_strings(group, "paths", paths)
+    write_strings(group, "errors", errors)
+    if size is not None:
+        group.create_dataset("file_size", data=np.asarray(size, dtype=np.int64))
+        group.create_dataset("file_mtime_ns", data=np.asarray(mtime_ns, dtype=np.int64))
+
+
+def _feature_dim(sources: list[tuple[Path, int]]) -> int:
+    """Feature width, read from the first source (0 when no image has features)."""
+    if not sources:
+        return 0
+    with h5py.File(sources[0][0], "r") as f:
+        return f["features"].shape[1]
+
+
+def _estimated_size(n: int, dim: int, itemsize: int, new: FileRows) -> int:
+    """An upper bound on a feature file's size: the feature matrix, per-row metadata and
+    strings (variable-length storage overhead included), and a fixed allowance for HDF5."""
+    strings = sum(len(p.encode()) + 32 for p in [*new.paths, *new.failed_paths])
+    strings += sum(len(e.encode()) + 32 for e in new.failed_errors)
+    return n * dim * itemsize + n * (3 * 8 + 48) + strings + 256 * 1024
+
+
+def is_up_to_date(out, request: dict, rows: Rows, labels: np.ndarray, split: np.ndarray, classes: list[str]) -> bool:
+    """True when ``out`` was made by the same ``request`` (the extraction's settings) for
+    exactly these images with no failures and no unfinished parts: nothing to do. Cheap:
+    metadata only, no lock (the file is only ever replaced atomically)."""
+    out = Path(out)
+    if not out.is_file() or out.with_name(out.name + ".parts").exists():
+        return False
+    try:
+        old = read_features(out, with_features=False)
+    except PipeError:
+        return False
+    new = FileRows(rows.paths, rows.size, rows.mtime_ns, labels, split, classes, [], [])
+    return old.attrs.get("request") == request and old.same_as(new)
+
+
+def write_feature_file(target: Path, new: FileRows, sources: list[tuple[Path, int]], attrs: dict,
+                       dtype: str) -> None:
+    """Write a feature file atomically: the rows ``new`` (``classes`` go in ``attrs``), feature
+    rows copied from ``sources`` ((file, row) per output row) a block at a time. Any failure is an OSError and leaves ``target`` as
+    it was; HDF5 cannot fail a write cleanly (it may crash the process), so room is checked
+    first."""
+    n, dim = len(sources), _feature_dim(sources)
+    needed = _estimated_size(n, dim, np.dtype(dtype).itemsize, new)
+    if needed > writable_bytes(target.parent):
+        raise OSError(f"about {needed / 1e6:.1f} MB needed, not that much room")
+    try:
+        with atomic_h5(target) as f:
+            _write_rows(f, new, sources, attrs, dtype, n, dim)
+    except RuntimeError as exc:  # h5py reports some I/O failures this way
+        raise OSError(str(exc)) from None
+
+
+def _write_rows(f: h5py.File, new: FileRows, sources, attrs: dict, dtype: str, n: int, dim: int) -> None:
+    """The body of :func:`write_feature_file`, into an open file."""
+    features = f.create_dataset("features", shape=(n, dim), dtype=dtype,
+                                chunks=(min(n, 256), dim) if n else None)
+    for start in range(0, n, _MERGE_ROWS):
+        chunk = sources[start:start + _MERGE_ROWS]
+        block = np.empty((len(chunk), dim), dtype=dtype)
+        by_file: dict[Path, list[tuple[int, int]]] = {}
+        for pos, (file, row) in enumerate(chunk):
+            by_file.setdefault(file, []).append((row, pos))
+        for file, pairs in by_file.items():
+            pairs.sort()
+            src_rows = np.array([r for r, _ in pairs])
+            with h5py.File(file, "r") as src:
+                lo, hi = src_rows[0], src_rows[-1] + 1
+                block[[p for _, p in pairs]] = src["features"][lo:hi][src_rows - lo]
+        features[start:start + len(chunk)] = block
+    f.create_dataset("labels", data=np.asarray(new.labels, dtype=np.int64))
+    write_strings(f, "paths", new.paths)
+    write_strings(f, "split", new.split)
+    f.create_dataset("file_size", data=np.asarray(new.size, dtype=np.int64))
+    f.create_dataset("file_mtime_ns", data=np.asarray(new.mtime_ns, dtype=np.int64))
+    write_failed(f.create_group("failed"), new.failed_paths, new.failed_errors)
+    f.attrs["schema_version"] = SCHEMA_VERSION
+    f.attrs["feature_dim"] = dim
+    for key, value in attrs.items():
+        f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+
+
+def is_feature_file(path) -> bool:
+    """True when ``path`` is an HDF5 file (whether or not a valid pipe one)."""
+    return h5py.is_hdf5(path)
+
+
+_SHARD_INVARIANTS = ("fingerprint", "classes", "split_seed", "split_fractions", "given_splits", "dtype")
+
+
+def merge_feature_files(inputs, out, overwrite: bool = False) -> FeatureSet:
+    """Merge shard files (``pipe extract --shard I/N``) into one feature file whose rows are
+    ordered by path, exactly as a single run over the whole folder would write them.
+
+    Shards must come from the same settings (fingerprint, classes, split); an image in two
+    shards, or an existing ``out`` without ``overwrite``, is an error.
+    """
+    out = Path(out)
+    shards = [read_features(p, with_features=False) for p in inputs]
+    if not shards:
+        raise PipeError("pipe merge needs at least one shard file")
+    first = shards[0]
+    for shard in shards[1:]:
+        for key in _SHARD_INVARIANTS:
+            if shard.attrs.get(key) != first.attrs.get(key):
+                raise PipeError(f"cannot merge {shard.path} with {first.path}: their {key} differ "
+                                f"({shard.attrs.get(key)} vs {first.attrs.get(key)})")
+    if out.exists() and not overwrite and out.resolve() not in {s.path.resolve() for s in shards}:
+        raise PipeError(f"{out} exists; pass --overwrite to replace it")
+    rows = sorted((path, i, row) for i, s in enumerate(shards) for row, path in enumerate(s.paths.tolist()))
+    for (a, i, _), (b, j, _) in zip(rows, rows[1:]):
+        if a == b:
+            raise PipeError(f"{a} is in both {shards[i].path} and {shards[j].path}: shards must not overlap")
+    pick = lambda column: np.array([getattr(shards[i], column)[row] for _, i, row in rows])  # noqa: E731
+    failed = sorted((p, e) for s in shards for p, e in zip(s.failed_paths, s.failed_errors))
+    new = FileRows([p for p, _, _ in rows], pick("size"), pick("mtime_ns"), pick("labels"), pick("split").astype(str),
+                   first.classes, [p for p, _ in failed], [e for _, e in failed])
+    attrs = {k: v for k, v in first.attrs.items() if k not in ("schema_version", "feature_dim", "shard")}
+    fd = lock_output(out)
+    try:
+        write_feature_file(out, new, [(shards[i].path, row) for _, i, row in rows], attrs, first.attrs["dtype"])
+    except OSError as exc:
+        raise PipeError(f"cannot write {out} ({exc}); the shard files are untouched") from None
+    finally:
+        os.close(fd)
+    return read_features(out, with_features=False)

@@ -1,0 +1,164 @@
+"""How the L2 strength is chosen at every data size: on val, on a hold-out, by k-fold
+cross-validation, or a documented default when nothing can be chosen; what the head file and
+the warnings say about it."""
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline.errors import PipeError
+from pipeline.heads import LinearProbe, SklearnProbe
+from pipeline.heads.selection import DEFAULT_STRENGTH, MAX_FOLDS, MIN_SELECTION_ROWS, plan_selection, split_parts
+
+GRID = [1e-3, 1e-2, 1e-1, 1.0]
+
+
+def blobs(per_class, n_classes=3, n_dims=8, spread=1.0, seed=0):
+    """``per_class`` images of each class around random means, class-sorted."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(0, 3, (n_classes, n_dims))
+    y = np.repeat(np.arange(n_classes), per_class)
+    return (means[y] + spread * rng.normal(size=(len(y), n_dims))).astype(np.float32), y
+
+
+def labels(per_class, n_classes=3):
+    return np.repeat(np.arange(n_classes), per_class)
+
+
+@pytest.mark.parametrize("train, val, n_strengths, mode, method, folds", [
+    (labels(3), None, 1, "auto", "given", 0),
+    (labels(300), labels(MIN_SELECTION_ROWS // 3 + 1), 16, "auto", "val", 1),
+    (labels(1000), None, 16, "auto", "holdout", 1),  # 600 held out of 3,000
+    (labels(1000), labels(2), 16, "auto", "holdout", 1),  # a tiny val joins the pool
+    (labels(20), labels(5), 16, "auto", "cv", MAX_FOLDS),
+    (labels(2), labels(1), 16, "auto", "cv", 3),  # k = the smallest class count
+    (labels(2, n_classes=10), None, 16, "auto", "cv", 2),
+    (labels(1, n_classes=10), None, 16, "auto", "default", 0),
+    (labels(1000), labels(1000), 16, "cv", "cv", MAX_FOLDS),
+    (labels(20), labels(2), 16, "val", "val", 1),
+    (labels(20), None, 16, "val", "holdout", 1),
+])
+def test_the_method_follows_the_sizes(train, val, n_strengths, mode, method, folds):
+    parts = [train] if val is None else [train, val]
+    selection, splits = plan_selection(parts, n_strengths, mode=mode)
+    assert (selection.method, selection.folds, len(splits)) == (method, folds, folds)
+    assert selection.n_pool == sum(len(p) for p in parts)
+    record = selection.record()
+    assert record["method"] == method and record["folds"] == folds
+
+
+def test_folds_score_every_image_once_and_keep_every_class_in_each_fit():
+    pool = np.concatenate([labels(2, 10), np.array([3, 3, 7])])  # smallest class: 2 -> 2 folds
+    selection, masks = plan_selection([pool[:20], pool[20:]], 16, seed=4)
+    assert selection.method == "cv" and selection.folds == 2
+    np.testing.assert_array_equal(np.sum(masks, axis=0), np.ones(len(pool)))
+    for mask in masks:
+        assert set(pool[~mask]) == set(pool) and set(pool[mask]) == set(pool)
+
+
+def test_hold_out_is_stratified_and_keeps_a_class_last_image_fitted():
+    pool = np.concatenate([labels(1000, 3), [3]])  # class 3 has a single image
+    _, (mask,) = plan_selection([pool], 16)
+    assert np.bincount(pool[mask]).tolist() == [200, 200, 200]
+    assert not mask[-1]
+
+
+def test_split_parts_views_rows_of_arrays_and_of_hdf5_datasets(tmp_path):
+    X, y = blobs(4)
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f["x"] = X
+    mask = np.arange(12) % 3 == 0
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        fit, score = split_parts([("train", f["x"], y[:8]), ("val", X[8:], y[8:])], mask)
+        np.testing.assert_array_equal(np.concatenate([x[0:x.shape[0]] for _, x, _ in score]), X[mask])
+        np.testing.assert_array_equal(np.concatenate([labels for _, _, labels in fit]), y[~mask])
+
+
+@pytest.mark.parametrize("cls", [LinearProbe, SklearnProbe])
+def test_cross_validation_scores_are_the_mean_of_the_folds_batched_sweeps(cls):
+    X, y = blobs(6, spread=3.0, seed=1)
+    X_train, y_train, X_val, y_val = X[::2], y[::2], X[1::2], y[1::2]
+    probe = cls(grid=GRID, selection="cv", seed=2).fit(X_train, y_train, X_val, y_val)
+    assert probe.selection_.method == "cv" and probe.selection_.folds == MAX_FOLDS
+    parts = [("train", X_train, y_train), ("val", X_val, y_val)]
+    _, masks = plan_selection([y_train, y_val], len(GRID), mode="cv", seed=2)
+    per_fold = []
+    for mask in masks:  # each fold alone, as a hold-out: the fit rows and the scored rows
+        fit, score = split_parts(parts, mask)
+        X_fit, y_fit = (np.concatenate([p[i] for p in fit]) for i in (1, 2))
+        X_score, y_score = (np.concatenate([p[i] for p in score]) for i in (1, 2))
+        alone = cls(grid=GRID, selection="val", seed=2).fit(X_fit, y_fit, X_score, y_score)
+        per_fold.append([a for _, a in alone.grid_scores_])
+    np.testing.assert_allclose([a for _, a in probe.grid_scores_], np.mean(per_fold, axis=0), atol=1e-6)
+    assert len(probe.stop_["folds"]) == MAX_FOLDS and len(probe.stop_["sweep"]) == len(GRID)
+    assert probe.n_iter_["sweep"] == np.max(probe.n_iter_["folds"], axis=0).tolist()
+
+
+def test_cross_validation_ties_go_to_the_strongest_penalty():
+    X, y = blobs(10, spread=0.1)  # separable: every strength scores 1.0
+    probe = LinearProbe(grid=[1e-4, 1e-3, 1e-2], selection="cv").fit(X, y)
+    assert {a for _, a in probe.grid_scores_} == {1.0} and probe.best_strength_ == 1e-2
+
+
+def test_ten_classes_with_two_images_each_train_by_two_fold_cross_validation():
+    X, y = blobs(2, n_classes=10, spread=0.5)  # the issue's ValueError from a stratified 20% hold-out
+    probe = LinearProbe(grid=GRID).fit(X, y)
+    assert probe.selection_.method == "cv" and probe.selection_.folds == 2
+    X_test, y_test = blobs(5, n_classes=10, spread=0.5, seed=0)
+    head = probe.to_head([str(c) for c in range(10)], "fp", {})
+    assert (head.predict(X_test) == y_test).mean() >= 0.9 and probe.warnings_ == []
+    assert head.training["selection"]["method"] == "cv" and head.training["selection"]["folds"] == 2
+
+
+def test_one_image_per_class_fits_the_default_strength_and_says_so():
+    X, y = blobs(1, n_classes=4)
+    probe = LinearProbe(grid=GRID).fit(X, y)
+    assert probe.selection_.method == "default" and probe.best_strength_ == DEFAULT_STRENGTH
+    assert probe.grid_scores_ == [] and len(probe.warnings_) == 1
+    assert "too few images to choose the L2 strength" in probe.warnings_[0]
+    training = probe.to_head(list("abcd"), "fp", {}).training
+    assert training["selection"]["method"] == "default" and training["strength"] == DEFAULT_STRENGTH
+    assert training["warnings"] == probe.warnings_
+
+
+def test_a_hold_out_too_small_to_hold_anything_is_a_clear_error():
+    X, y = blobs(2, n_classes=10)
+    with pytest.raises(PipeError, match="too few to hold any out"):
+        LinearProbe(grid=GRID, selection="val").fit(X, y)
+
+
+@pytest.mark.parametrize("cls", [LinearProbe, SklearnProbe])
+def test_a_head_at_chance_level_is_flagged(cls):
+    X = np.zeros((30, 5), dtype=np.float32)  # nothing to learn from
+    y = labels(10)
+    probe = cls(grid=GRID).fit(X, y)
+    assert any("at chance level" in w for w in probe.warnings_), probe.warnings_
+    one = cls(grid=[1e-2]).fit(X, y)  # no selection score: judged on its own training images
+    assert any("at chance level" in w and "its own training images" in w for w in one.warnings_)
+
+
+@pytest.mark.parametrize("cls", [LinearProbe, SklearnProbe])
+def test_a_final_fit_that_did_not_converge_warns(cls):
+    X, y = blobs(20, spread=2.0)
+    probe = cls(grid=GRID, max_iter=1, tol=1e-8).fit(X, y)
+    assert probe.stop_["refit"] == "max_iter" and not probe.converged_
+    assert any("did not converge" in w and "--max-iter" in w for w in probe.warnings_)
+    assert not any("did not converge" in w for w in cls(grid=GRID).fit(X, y).warnings_)
+
+
+def test_streamed_mini_batches_cross_validate_too(tmp_path):
+    X, y = blobs(10, spread=0.5)
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f["x"] = X
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        probe = LinearProbe(grid=GRID, batch_size=8, max_epochs=3).fit(f["x"], y)
+    assert probe.selection_.method == "cv" and len(probe.n_iter_["folds"]) == MAX_FOLDS
+    assert 1 <= probe.n_iter_["refit_epochs"] <= 3
+    assert (probe.to_head(list("abc"), "fp", {}).predict(X) == y).mean() == 1.0
+
+
+def test_labels_need_not_be_contiguous():
+    X, y = blobs(8, n_classes=3, spread=0.5)
+    y = np.array([0, 2, 5])[y]  # classes 1, 3 and 4 have no images
+    probe = LinearProbe(grid=GRID).fit(X, y)
+    assert min(a for _, a in probe.grid_scores_) == 1.0
