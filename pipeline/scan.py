@@ -86,7 +86,8 @@ def stratified_split(
     """
     fractions = np.asarray(fractions, dtype=float)
     if fractions.shape != (3,) or (fractions < 0).any() or not np.isclose(fractions.sum(), 1.0):
-        raise PipeError(f"split fractions must be three non-negative numbers summing to 1, got {list(fractions)}")
+        raise PipeError("split fractions must be three non-negative numbers summing to 1, got "
+                        f"[{', '.join(f'{f:g}' for f in fractions.ravel())}]")
     split = np.empty(len(paths), dtype=object)
     for label in np.unique(labels):
         idx = np.flatnonzero(labels == label)

@@ -166,6 +166,7 @@ def test_half_written_part_and_output_from_a_killed_commit_are_ignored(tmp_path,
     assert kill_when(start_pipe(*extract_args(data, out, *SMALL_STEPS)),
                      lambda: len(part_files(parts)) > len(whole))
     assert not half_part.exists(), "a half-written part outlived the next run"
+    assert not half_output.exists(), "a half-written output outlived the next run"
     assert all(p.exists() for p in whole), "whole parts are kept for resuming"
     resumable = len(part_files(parts))
 

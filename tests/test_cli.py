@@ -513,9 +513,7 @@ SPLIT_FRACTIONS = ["extract", "{tmp}", "--split-fractions", "0.5,0.6,0.1", "--ou
     (["extract", "{tmp}", "--model", "resnet181", "--out", "{tmp}/f.h5"],
      ["'resnet181'", "did you mean resnet18,"]),
     (SPLIT_FRACTIONS, ["split fractions", "three non-negative numbers summing to 1", "0.6"]),
-    pytest.param(SPLIT_FRACTIONS, ["got [0.5, 0.6, 0.1]"], marks=pytest.mark.xfail(
-        strict=True, reason="bug: pipeline/scan.py stratified_split prints the fractions as numpy reprs "
-                            "([np.float64(0.5), ...]) instead of the numbers given")),
+    (SPLIT_FRACTIONS, ["got [0.5, 0.6, 0.1]"]),
 ], ids=["train-head", "evaluate", "predict", "info", "unknown-model", "fractions", "fractions-as-given"])
 def test_bad_input_is_one_error_line_without_traceback(image_folder, run_cli, tmp_path, argv, fragments):
     root = image_folder(per_class=1)

@@ -79,6 +79,8 @@ class ExtractionCache:
                 f"fingerprint {old.fingerprint}, now {self.fingerprint}); use --out for a new file or --overwrite "
                 "to replace it")
         self.parts.prepare(self.fingerprint, self.overwrite)
+        for stale in self.out.parent.glob(f".{self.out.name}.tmp-*"):  # a commit killed mid-write
+            stale.unlink()
         return self.attach()
 
     def attach(self) -> ExtractionCache:
