@@ -18,7 +18,6 @@ from pipeline.data import EvalTransform, ImageFiles, decode_jpeg, exif_orientati
 from pipeline.device_decode import decode_batch
 
 TRANSFORM = EvalTransform(40, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def photo(width=90, height=60, seed=0) -> Image.Image:
@@ -134,7 +133,7 @@ def test_keep_large_buffers_is_on_in_pipe_processes_and_can_be_turned_off():
     assert keep_large_buffers() in (True, False)  # harmless to call again in this process
 
 
-@requires_cuda
+@pytest.mark.cuda
 def test_gpu_decoding_matches_cpu_full_decoding(mixed_folder):
     folder, names = mixed_folder
     cpu, cpu_errors = pixels_of(folder, names, "full")
