@@ -324,17 +324,54 @@ def evaluate(features, head, split, json_path):
 @click.option("--topk", default=3, show_default=True, type=POSITIVE, help="Classes shown per image.")
 @device_option
 @click.option("--batch-size", default=32, show_default=True, type=POSITIVE)
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
+              help="Also write each image's top-k classes and probabilities as JSON.")
 @config_option
-def predict(inputs, head, topk, device, batch_size):
+def predict(inputs, head, topk, device, batch_size, json_path):
     """Classify images (files or folders) with a trained head and its backbone."""
     from .heads import LinearHead
-    from .predict import predict_images
+    from .predict import predict_images, predictions_json
 
-    for p in predict_images(LinearHead.load(head), inputs, topk, device, batch_size):
+    head = LinearHead.load(head)
+    predictions = predict_images(head, inputs, topk, device, batch_size)
+    for p in predictions:
         if p.error:
             click.echo(f"{p.path}: skipped ({p.error})")
         else:
             click.echo(f"{p.path}: " + ", ".join(f"{name} {prob:.3f}" for name, prob in p.top))
+    if json_path:
+        Path(ensure_parent(json_path)).write_text(json.dumps(predictions_json(predictions, head), indent=2))
+        click.echo(f"predictions -> {json_path}")
+
+
+@main.command()
+@global_flags
+@click.option("--head", default=DEFAULT_HEAD, show_default=True, type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", default=None, type=click.Choice(["onnx", "torchscript"]),
+              help="onnx (needs the export extra: pip install 'pipe[export]') or torchscript. Required.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="Output file [default: beside the head, HEAD.onnx or HEAD.torchscript.pt].")
+@click.option("--opset", default=None, type=click.IntRange(7, 30), help="ONNX opset [default: the exporter's].")
+def export(head, fmt, out, opset):
+    """Write backbone + head as one ONNX or TorchScript file: uint8 images in, probabilities out."""
+    from .export import export_head, require_onnx
+    from .heads import LinearHead
+
+    if fmt is None:  # checked here: click's own message for a missing choice spans several lines
+        raise click.UsageError("--format is required: onnx or torchscript")
+    if opset is not None and fmt != "onnx":
+        raise click.UsageError("--opset applies to --format onnx only")
+    if fmt == "onnx":
+        require_onnx()  # before loading anything: the install hint comes at once
+    result = export_head(LinearHead.load(head), fmt, out, opset)
+    t = result.metadata["transform"]
+    checked = ("not checked (onnxruntime is not installed)" if result.max_difference is None
+               else f"checked: max |Δp| {result.max_difference:.1e} against pipe's model")
+    click.echo(f"{result.metadata['model']} + {result.metadata['kind']} head ({len(result.metadata['classes'])} classes) "
+               f"-> {', '.join(map(str, result.files))} ({fmt}{f' opset {result.opset}' if result.opset else ''}, "
+               f"{result.seconds:.1f} s; {checked})")
+    click.echo(f"input: uint8 (N, 3, {t['crop']}, {t['crop']}) RGB, resized to {t['resize']} ({t['interpolation']}) "
+               f"and centre-cropped; output: probabilities (N, {len(result.metadata['classes'])})")
 
 
 @main.command()

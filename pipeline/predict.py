@@ -27,6 +27,21 @@ class Prediction:
     error: str = ""
 
 
+def predictions_json(predictions: list[Prediction], head: LinearHead) -> dict:
+    """``pipe predict --json``: each image's top-k classes with their probabilities (in full
+    float32 precision), or why it was skipped, in input order, with the head they came from."""
+    return {
+        "head": head.path,
+        "fingerprint": head.fingerprint,
+        "classes": list(head.classes),
+        "predictions": [
+            {"path": p.path, "top": [{"class": name, "probability": probability} for name, probability in p.top],
+             **({"error": p.error} if p.error else {})}
+            for p in predictions
+        ],
+    }
+
+
 def expand_inputs(inputs) -> list[Path]:
     """Image files given directly, plus the images found (recursively) in given folders."""
     files = []
