@@ -282,7 +282,6 @@ def train_head(features, out, kind, **params):
     head, probe = train(features, out, kind, **params)
     selection = probe.selection_
     if probe.grid_scores_:
-        click.echo(f"selection: {selection.describe()}")
         label = "cv" if selection.method == "cv" else "val"
         click.echo(f"strength    {label} accuracy")
         sweep_stops = probe.stop_.get("sweep") or [None] * len(probe.grid_scores_)
@@ -290,9 +289,9 @@ def train_head(features, out, kind, **params):
             note = f"  (stopped: {stop})" if stop not in (None, "converged") else ""
             mark = "  <- chosen" if strength == probe.best_strength_ else ""
             click.echo(f"{strength:<10.3g}  {accuracy:.4f}{note}{mark}")
-        chosen = f"{label} accuracy {dict(probe.grid_scores_)[probe.best_strength_]:.4f}"
+        chosen = f"{label} accuracy {dict(probe.grid_scores_)[probe.best_strength_]:.4f}, {selection.describe()}"
     else:
-        chosen = selection.describe() if selection.method == "default" else "the only one given, fitted on train + val"
+        chosen = selection.describe()
     click.echo(f"{kind} head: strength {probe.best_strength_:.3g} ({chosen}), "
                f"trained in {probe.fit_seconds_:.2f} s -> {out}")
     for warning in probe.warnings_:

@@ -37,6 +37,12 @@ def _describe_head(path: Path) -> list[str]:
         f"classes       {', '.join(head.classes)}",
     ]
     lines += [f"{key:<13} {value}" for key, value in t.items() if not isinstance(value, (list, dict))]
+    selection = t.get("selection")  # heads trained before selection was recorded have none
+    if selection:
+        folds = f", {selection['folds']} folds" if selection["method"] == "cv" else ""
+        reason = f" ({selection['reason']})" if selection.get("reason") else ""
+        lines.append(f"{'selection':<13} {selection['method']}{folds}{reason}")
+    lines += [f"{'warning':<13} {warning}" for warning in t.get("warnings", [])]
     return lines
 
 

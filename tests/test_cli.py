@@ -181,16 +181,15 @@ def test_make_dataset_digits_writes_an_image_folder_offline(run_cli, tmp_path):
 
 def test_train_head_prints_grid_and_chosen_strength(ws):
     lines = ws.train.stdout.splitlines()
-    # 24 train + val images are too few to choose on a split of them: 5-fold cross-validation
-    assert lines[0].startswith("selection: chosen by 5-fold cross-validation over train + val (24 images)")
-    assert lines[1].split() == ["strength", "cv", "accuracy"]
-    rows = lines[2:-1]
+    assert lines[0].split() == ["strength", "cv", "accuracy"]  # 24 train + val images: cross-validation
+    rows = lines[1:-1]
     assert len(rows) == 16  # the default grid
     chosen = [row for row in rows if row.endswith("<- chosen")]
     assert len(chosen) == 1
     strength = float(chosen[0].split()[0])
     last = lines[-1]
     assert last.startswith("linear head: strength ") and last.endswith(f"-> {ws.head}")
+    assert "chosen by 5-fold cross-validation over train + val (24 images)" in last
     assert float(last.split()[3].rstrip(",")) == pytest.approx(strength, rel=1e-2)
     head = LinearHead.load(ws.head)
     assert head.training["strength"] == pytest.approx(strength, rel=1e-2)
@@ -203,7 +202,7 @@ def test_train_head_prints_grid_and_chosen_strength(ws):
 def test_train_head_grid_option(ws, run_cli, tmp_path):
     result = run_cli("train-head", ws.features, "--out", tmp_path / "h.pt", "--grid", "0.01,0.1")
     assert result.exit_code == 0, result.output
-    rows = result.stdout.splitlines()[2:-1]
+    rows = result.stdout.splitlines()[1:-1]
     assert [float(r.split()[0]) for r in rows] == [0.01, 0.1]
 
 
@@ -429,7 +428,7 @@ def test_config_preset_applies_to_train_head(ws, run_cli, tmp_path):
     result = run_cli("train-head", ws.features, "--config", preset)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "preset-head.pt").is_file()
-    assert len(result.stdout.splitlines()) == 5  # selection, header, 2 grid rows, summary
+    assert len(result.stdout.splitlines()) == 4  # header, 2 grid rows, summary
 
 
 @pytest.mark.parametrize("command, key, value", [("train-head", "head", '"sklearn"'),

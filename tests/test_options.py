@@ -47,7 +47,8 @@ def numeric_options():
 
 
 def base_arguments(command, tiny, out: Path) -> list:
-    """A quick, valid invocation of ``command`` writing under ``out``."""
+    """A quick, valid invocation of ``command`` writing under ``out`` (a command not listed
+    here is run with no other arguments: still never a traceback)."""
     _, data, features, head = tiny
     return {
         "extract": [data, "--out", out / "f.h5", *FAST_EXTRACT],
@@ -59,7 +60,8 @@ def base_arguments(command, tiny, out: Path) -> list:
         "merge": [features, "--out", out / "merged.h5"],
         "info": [features],
         "models": [],
-    }[command]
+        "export": ["--format", "torchscript", "--head", head, "--out", out / "m.pt"],
+    }.get(command, [])
 
 
 def with_option(arguments: list, flag: str, value: str) -> list:
@@ -201,7 +203,7 @@ def test_ten_classes_with_two_training_images_train_a_head(tmp_path):
     assert invoke("extract", data, "--out", tmp_path / "f.h5", *FAST_EXTRACT).exit_code == 0
     result = invoke("train-head", tmp_path / "f.h5", "--out", tmp_path / "h.pt")
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("selection: chosen by 2-fold cross-validation over train + val (20 images)")
+    assert "chosen by 2-fold cross-validation over train + val (20 images)), trained in" in result.stdout
     assert LinearHead.load(tmp_path / "h.pt").training["selection"]["method"] == "cv"
 
 
@@ -236,3 +238,12 @@ def test_one_image_per_class_fits_the_default_with_a_warning(tmp_path):
 def test_the_declared_python_is_the_one_the_code_needs():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert project["requires-python"] == ">=3.11"  # tomllib (pipeline/config.py) is 3.11+
+
+
+def test_info_shows_how_the_strength_was_chosen_and_the_warnings(tmp_path):
+    data = make_image_folder(tmp_path / "data", per_class=1, size=24)
+    assert invoke("extract", data, "--out", tmp_path / "f.h5", *FAST_EXTRACT).exit_code == 0
+    assert invoke("train-head", tmp_path / "f.h5", "--out", tmp_path / "h.pt").exit_code == 0
+    lines = invoke("info", tmp_path / "h.pt").stdout.splitlines()
+    assert any(line.startswith("selection     default (") for line in lines)
+    assert any(line.startswith("warning       too few images to choose the L2 strength") for line in lines)

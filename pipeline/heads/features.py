@@ -12,6 +12,14 @@ import numpy as np
 from pipeline.errors import PipeError
 
 CHUNK_ROWS = 8192
+# Standardising by each dimension's own std, estimated from a few dozen rows, blows up the
+# dimensions that happened to vary little there (pooled CNN features are sparse). On
+# efficientnet_lite0 features of Fashion-MNIST (10 classes, 10 seeded draws per size), the best
+# test accuracy of any strength of the default grid was, with each dimension's own std / with
+# the variances shrunk toward their mean with a weight of 100 rows: 0.503 / 0.660 at 2 training
+# images per class, 0.666 / 0.732 at 5, 0.744 / 0.764 at 10, 0.786 / 0.795 at 20 (README, "Few
+# images per class"). With thousands of rows the shrinkage vanishes.
+VARIANCE_PRIOR_ROWS = 100
 
 
 def row_chunks(n_rows, size=CHUNK_ROWS):
@@ -68,9 +76,12 @@ def check_split(X, y, name):
     return y.astype(np.int64)
 
 
-def feature_stats(parts):
+def feature_stats(parts, prior_rows=VARIANCE_PRIOR_ROWS):
     """Per-dimension mean and std over all rows of ``parts``; rejects NaN/inf features.
 
+    Each dimension's variance is shrunk toward the mean variance of all dimensions, as if
+    ``prior_rows`` more rows had that variance: with thousands of rows the std is the
+    dimension's own, with a few dozen it is mostly the common one (see ``VARIANCE_PRIOR_ROWS``).
     ``parts`` is a list of ``(name, X, y)``. Reads each ``X`` in row chunks and
     accumulates in float64 without a float64 copy.
     """
@@ -87,7 +98,8 @@ def feature_stats(parts):
         total += part_sum
         count += X.shape[0]
     mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - np.square(mean), 0.0))
+    variance = np.maximum(total_sq / count - np.square(mean), 0.0)
+    std = np.sqrt((count * variance + prior_rows * variance.mean()) / (count + prior_rows))
     std[std < 1e-6 * max(std.max(), 1e-12)] = 1.0  # constant dimensions: leave unscaled
     return mean.astype(np.float32), std.astype(np.float32)
 

@@ -12,6 +12,8 @@ and preconditioner to the generic solver in :mod:`pipeline.heads.lbfgs`.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from pipeline.heads.features import row_chunks
@@ -19,6 +21,28 @@ from pipeline.heads.lbfgs import batched_lbfgs
 
 SPECTRUM_ROWS = 4096
 SPECTRUM_RANK = 128
+# Below this many feature values (rows x dims) a fit runs on one CPU thread. Every solver step is
+# a few dozen small tensor operations; split across threads, each waits for the slowest thread,
+# and when another process holds a core that wait is a scheduler time slice. Measured on the
+# 2-core reference machine under load (efficientnet_lite0 features, 1,280 dims): 20 rows took
+# 0.6 s on one thread and 71-78 s on two; 200 rows 2.3-2.9 s and 2.1-70 s; 3,000 rows (above
+# the limit) 1.8 s and 1.1 s.
+SINGLE_THREAD_VALUES = 2**20
+
+
+@contextmanager
+def threads_for(n_values, device):
+    """Run the enclosed fit on one thread when it is small and on the CPU (see
+    ``SINGLE_THREAD_VALUES``); torch's thread count is restored afterwards."""
+    if device.type != "cpu" or n_values >= SINGLE_THREAD_VALUES or torch.get_num_threads() == 1:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def multinomial_loss_and_grad(X, y, sample_weight, params, strengths):

@@ -33,7 +33,7 @@ from pipeline.heads.features import (
 )
 from pipeline.heads.head_file import LinearHead
 from pipeline.heads.lbfgs import CONVERGED, LINE_SEARCH, MAX_ITER
-from pipeline.heads.multinomial import FeatureSpectrum, fit_multinomial
+from pipeline.heads.multinomial import FeatureSpectrum, fit_multinomial, threads_for
 from pipeline.heads.selection import DEFAULT_STRENGTH, merge_records, plan_selection, split_parts
 
 DEFAULT_GRID = tuple(float(s) for s in np.logspace(-6, 0, 16))
@@ -300,8 +300,6 @@ class LinearProbe(_SweepProbe):
         n_classes = len(self.classes_)
         X_t = torch.from_numpy(X).to(device)
         y_t = torch.from_numpy(y).to(device)
-        if init is None:
-            self._spectrum = FeatureSpectrum(X_t, seed=self.seed)
         sw = torch.from_numpy(class_weights(y, n_classes, self.balanced)[y] / len(y)).to(device)
         lam = torch.tensor(strengths, dtype=torch.float32, device=device)
         if init is None:
@@ -309,7 +307,10 @@ class LinearProbe(_SweepProbe):
         else:  # rows 0..D-1 hold W (K, D, C), the last row the bias
             weight, bias = init
             params = torch.from_numpy(np.concatenate([weight.transpose(0, 2, 1), bias[:, None]], axis=1)).to(device)
-        result = fit_multinomial(X_t, y_t, sw, lam, params, self._spectrum, max_iter=self.max_iter, tol=self.tol)
+        with threads_for(X.size, device):
+            if init is None:
+                self._spectrum = FeatureSpectrum(X_t, seed=self.seed)
+            result = fit_multinomial(X_t, y_t, sw, lam, params, self._spectrum, max_iter=self.max_iter, tol=self.tol)
         params = result.params.cpu().numpy()
         return np.ascontiguousarray(params[:, :-1].transpose(0, 2, 1)), params[:, -1], result.n_iter, result.stop
 
