@@ -28,8 +28,9 @@ def labels(per_class, n_classes=3):
 @pytest.mark.parametrize("train, val, n_strengths, mode, method, folds", [
     (labels(3), None, 1, "auto", "given", 0),
     (labels(300), labels(MIN_SELECTION_ROWS // 3 + 1), 16, "auto", "val", 1),
-    (labels(1000), None, 16, "auto", "holdout", 1),  # 600 held out of 3,000
-    (labels(1000), labels(2), 16, "auto", "holdout", 1),  # a tiny val joins the pool
+    (labels(2000), None, 16, "auto", "holdout", 1),  # 1,200 held out of 6,000
+    (labels(2000), labels(2), 16, "auto", "holdout", 1),  # a tiny val joins the pool
+    (labels(1000), None, 16, "auto", "cv", MAX_FOLDS),  # a hold-out would have 600
     (labels(20), labels(5), 16, "auto", "cv", MAX_FOLDS),
     (labels(2), labels(1), 16, "auto", "cv", 3),  # k = the smallest class count
     (labels(2, n_classes=10), None, 16, "auto", "cv", 2),
@@ -57,9 +58,9 @@ def test_folds_score_every_image_once_and_keep_every_class_in_each_fit():
 
 
 def test_hold_out_is_stratified_and_keeps_a_class_last_image_fitted():
-    pool = np.concatenate([labels(1000, 3), [3]])  # class 3 has a single image
+    pool = np.concatenate([labels(2000, 3), [3]])  # class 3 has a single image
     _, (mask,) = plan_selection([pool], 16)
-    assert np.bincount(pool[mask]).tolist() == [200, 200, 200]
+    assert np.bincount(pool[mask]).tolist() == [400, 400, 400]
     assert not mask[-1]
 
 

@@ -1,0 +1,139 @@
+"""Benchmark: few-shot heads, pipe's train-head selection against scikit-learn's LogisticRegressionCV.
+
+From the train split of a feature file (the pool), seeded draws of 1, 2, 5 and 10 training
+images per class (``--draws`` per size); each draw trains
+
+- pipe: the head ``pipe train-head`` trains on a feature file with train/ and test/ folders
+  (``make_probe("linear")`` fitted on the drawn images, no val split: the strength is chosen
+  as :mod:`pipeline.heads.selection` decides for that size), and
+- scikit-learn: ``LogisticRegressionCV(cv=min(5, shots), max_iter=1000)`` (10 strengths,
+  lbfgs, accuracy) on the features as they are, and the same after ``StandardScaler()``; with
+  one image per class it cannot run (each fold needs two images of a class) and the table says so,
+
+and scores both on the file's whole test split. Prints the table and writes the JSON.
+
+    python bench/fewshot.py --features /tmp/fm-pool.h5 [--draws 5] [--json bench/results/fewshot-cpu-2core.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.heads import make_probe  # noqa: E402
+
+SHOTS = (1, 2, 5, 10)
+
+
+def read_splits(path):
+    """``{"train": (X, y), "test": (X, y)}`` of a pipe feature file, read with plain h5py."""
+    with h5py.File(path, "r") as f:
+        X, y, split = f["features"][:].astype(np.float32), f["labels"][:].astype(np.int64), f["split"].asstr()[:]
+        model = f.attrs["model"]
+    return {name: (X[split == name], y[split == name]) for name in ("train", "test")}, model
+
+
+def draw(y, shots, seed):
+    """Sorted row indices of ``shots`` images of every class, seeded."""
+    rng = np.random.default_rng(seed)
+    return np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), shots, replace=False) for c in np.unique(y)]))
+
+
+def pipe_head(X, y, X_test, y_test):
+    started = time.perf_counter()
+    probe = make_probe("linear").fit(X, y)
+    head = probe.to_head([str(c) for c in range(int(y_test.max()) + 1)], "fp", {})
+    return {"accuracy": float((head.predict(X_test) == y_test).mean()), "seconds": time.perf_counter() - started,
+            "strength": probe.best_strength_, "selection": probe.selection_.method,
+            "folds": probe.selection_.folds, "warnings": probe.warnings_}
+
+
+def sklearn_head(X, y, X_test, y_test, shots, scaled):
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if shots < 2:
+        return None
+    started = time.perf_counter()
+    model = LogisticRegressionCV(cv=min(5, shots), max_iter=1000)
+    if scaled:
+        model = make_pipeline(StandardScaler(), model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # scikit-learn 1.8's notes on coming defaults
+        model.fit(X, y)
+    C = float(np.ravel(model[-1].C_ if scaled else model.C_)[0])
+    return {"accuracy": float(model.score(X_test, y_test)), "seconds": time.perf_counter() - started,
+            "C": C, "strength": 1.0 / (C * len(y))}
+
+
+def summary(values):
+    values = np.array(values)
+    return {"mean": float(values.mean()), "min": float(values.min()), "max": float(values.max())}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--features", required=True)
+    parser.add_argument("--draws", type=int, default=5)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    splits, model = read_splits(args.features)
+    X_pool, y_pool = splits["train"]
+    X_test, y_test = splits["test"]
+    rows = []
+    for shots in SHOTS:
+        for seed in range(args.draws):
+            picked = draw(y_pool, shots, seed)
+            X, y = X_pool[picked], y_pool[picked]
+            rows.append({"shots": shots, "seed": seed, "pipe": pipe_head(X, y, X_test, y_test),
+                         "sklearn": sklearn_head(X, y, X_test, y_test, shots, scaled=False),
+                         "sklearn_scaled": sklearn_head(X, y, X_test, y_test, shots, scaled=True)})
+    n_classes = len(np.unique(y_test))
+    print(f"{model} features, {n_classes} classes, {len(y_test)} test images; mean (min-max) test accuracy "
+          f"over {args.draws} seeded draws of the training images")
+    print("| images per class | pipe train-head | its selection | LogisticRegressionCV | "
+          "StandardScaler + LogisticRegressionCV | pipe - best sklearn |")
+    print("|---|---|---|---|---|---|")
+    table = []
+    for shots in SHOTS:
+        group = [r for r in rows if r["shots"] == shots]
+        first = group[0]["pipe"]
+        method = first["selection"] + (f", k = {first['folds']}" if first["selection"] == "cv" else "")
+        entry = {"shots": shots, "selection": method, "pipe": summary([r["pipe"]["accuracy"] for r in group]),
+                 "pipe_seconds": float(np.mean([r["pipe"]["seconds"] for r in group]))}
+        cells = []
+        for key in ("sklearn", "sklearn_scaled"):
+            if group[0][key] is None:
+                cells.append("cannot run: cv needs 2 per class")
+                continue
+            entry[key] = summary([r[key]["accuracy"] for r in group])
+            entry[key + "_seconds"] = float(np.mean([r[key]["seconds"] for r in group]))
+            cells.append(f"{entry[key]['mean']:.3f} ({entry[key]['min']:.3f}-{entry[key]['max']:.3f})")
+        best = max((entry[k]["mean"] for k in ("sklearn", "sklearn_scaled") if k in entry), default=None)
+        diff = "" if best is None else f"{entry['pipe']['mean'] - best:+.3f}"
+        table.append(entry)
+        pipe = entry["pipe"]
+        print(f"| {shots} | {pipe['mean']:.3f} ({pipe['min']:.3f}-{pipe['max']:.3f}) | {method} | "
+              f"{cells[0]} | {cells[1]} | {diff} |")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({
+            "features": args.features, "model": model, "test_images": int(len(y_test)), "draws": args.draws,
+            "threads": torch.get_num_threads(), "table": table, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
