@@ -316,6 +316,11 @@ class LinearProbe(_SweepProbe):
 
     def _adam(self, parts, strengths, epochs, val):
         """Mini-batch training of K models over streamed chunks; returns weights, biases, best epochs."""
+        n_values = sum(x.shape[0] for _, x, _ in parts) * parts[0][1].shape[1]
+        with threads_for(n_values, resolve_device(self.device)):
+            return self._adam_epochs(parts, strengths, epochs, val)
+
+    def _adam_epochs(self, parts, strengths, epochs, val):
         device = resolve_device(self.device)
         n_classes, n_dims, n_models = len(self.classes_), parts[0][1].shape[1], len(strengths)
         labels = np.searchsorted(self.classes_, np.concatenate([y for _, _, y in parts]))
