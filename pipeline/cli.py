@@ -60,11 +60,17 @@ class FloatList(click.ParamType):
         for number in numbers:
             low = self.minimum is not None and (number <= self.minimum if self.positive else number < self.minimum)
             if not math.isfinite(number) or low or (self.maximum is not None and number > self.maximum):
-                bound = f"{'above' if self.positive else 'at least'} {self.minimum:g}" if self.minimum is not None else ""
-                if self.maximum is not None:
-                    bound += f"{' and ' if bound else ''}at most {self.maximum:g}"
-                self.fail(f"every number must be finite{', ' + bound if bound else ''}; got {value!r}", param, ctx)
+                self.fail(f"expected {self._wanted()}, got {value!r}", param, ctx)
         return numbers
+
+    def _wanted(self) -> str:
+        if self.positive and self.minimum == 0 and self.maximum is None:
+            return "positive finite numbers"
+        if self.minimum is not None and self.maximum is not None and not self.positive:
+            return f"finite numbers from {self.minimum:g} to {self.maximum:g}"
+        bounds = ([f"{'above' if self.positive else 'at least'} {self.minimum:g}"] if self.minimum is not None else []) \
+            + ([f"at most {self.maximum:g}"] if self.maximum is not None else [])
+        return "finite numbers" + (" " + " and ".join(bounds) if bounds else "")
 
 
 class Shard(click.ParamType):
