@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .allocator import keep_large_buffers
 from .config import command_defaults
 from .errors import PipeError
 
@@ -174,6 +175,7 @@ config_option = click.option("--config", type=click.Path(dir_okay=False), is_eag
 @click.pass_context
 def main(ctx, quiet, debug):
     """Transfer learning by feature extraction: extract once, train heads in seconds."""
+    keep_large_buffers()  # before torch allocates anything: see pipeline.allocator
     ctx.obj = {"quiet": quiet, "debug": debug}
 
 
@@ -182,7 +184,7 @@ def main(ctx, quiet, debug):
 @click.argument("data", type=click.Path(file_okay=False))
 @backbone_options
 @click.option("--out", default=DEFAULT_FEATURES, show_default=True, type=click.Path(dir_okay=False))
-@click.option("--batch-size", default=64, show_default=True, type=POSITIVE)
+@click.option("--batch-size", default=None, type=POSITIVE, help="Images per forward pass [default: 32 on CPU, 256 on CUDA].")
 @click.option("--workers", default=None, type=click.IntRange(0, MAX_WORKERS),
               help="DataLoader workers [default: CPU cores, at most 8].")
 @device_option
@@ -195,8 +197,9 @@ def main(ctx, quiet, debug):
 @click.option("--strict", is_flag=True, help="Fail if any image cannot be read.")
 @click.option("--checkpoint-every", default=1024, show_default=True, type=POSITIVE,
               help="Commit progress every N images (resume point after a crash).")
-@click.option("--full-decode", is_flag=True,
-              help="Decode JPEGs at full size (default: reduced DCT scale when much larger than the input).")
+@click.option("--full-decode/--draft-decode", default=None,
+              help="Decode JPEGs at full size, or at a reduced DCT scale when much larger than the input "
+                   "[default: full on CUDA, where the GPU decodes them; reduced on the CPU].")
 @click.option("--compile", "compile", is_flag=True,
               help="torch.compile the model: ~1 min to compile, faster forward (for long runs).")
 @click.option("--shard", default=None, type=Shard(),
