@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from .errors import PipeError
 from .heads import LinearHead
-from .metrics import classification_report
+from .metrics import bootstrap_intervals, classification_report
 from .store import read_features
 
 
-def evaluate_head(features_path, head_path, split: str = "test") -> dict:
+def evaluate_head(features_path, head_path, split: str = "test", ci: bool = False) -> dict:
     """Metrics of the head at ``head_path`` on ``split`` of the feature file (see
-    :func:`pipeline.metrics.classification_report`). The head must have been trained on
-    features with the same fingerprint and classes."""
+    :func:`pipeline.metrics.classification_report`); with ``ci``, also their bootstrap 95%
+    intervals (``accuracy_ci95``, ...: :func:`pipeline.metrics.bootstrap_intervals`). The head
+    must have been trained on features with the same fingerprint and classes."""
     head = LinearHead.load(head_path)
     features = read_features(features_path)
     head.check_fingerprint(features.fingerprint)
@@ -19,6 +20,9 @@ def evaluate_head(features_path, head_path, split: str = "test") -> dict:
         raise PipeError(f"head {head_path} knows classes {head.classes} but {features.path} has "
                         f"{features.classes}; retrain with pipe train-head")
     X, y = features.rows(split)
-    report = classification_report(y, head.predict_proba(X), features.classes)
+    proba = head.predict_proba(X)
+    report = classification_report(y, proba, features.classes)
+    if ci:
+        report.update(bootstrap_intervals(y, proba))
     report["split"] = split
     return report

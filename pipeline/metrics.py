@@ -7,6 +7,9 @@ from sklearn import metrics
 
 TOP_K = 5
 ABBREVIATION = 6
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_BLOCK = 100  # resamples scored at once: bounds memory to this many weight rows
+CI_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 
 
 def classification_report(y_true, proba, classes):
@@ -42,6 +45,41 @@ def classification_report(y_true, proba, classes):
     }
 
 
+def resample_scores(y_true, y_pred, weights, n_classes):
+    """Accuracy, balanced accuracy and macro-F1 (as :func:`classification_report` computes
+    them) of R resamples at once: ``weights`` (R, N) counts how often each prediction is drawn.
+    Returns a dict of (R,) arrays."""
+    weights = np.asarray(weights, dtype=np.float64)
+    truth = np.eye(n_classes)[y_true]
+    hits = weights @ (truth * (y_true == y_pred)[:, None])  # (R, C) true positives
+    support = weights @ truth
+    predicted = weights @ np.eye(n_classes)[y_pred]
+    present = support > 0
+    recall = np.divide(hits, support, out=np.zeros_like(hits), where=present)
+    both = support + predicted
+    f1 = np.divide(2 * hits, both, out=np.zeros_like(hits), where=both > 0)
+    return {"accuracy": hits.sum(1) / weights.sum(1),
+            "balanced_accuracy": (recall * present).sum(1) / present.sum(1),
+            "macro_f1": f1.mean(1)}
+
+
+def bootstrap_intervals(y_true, proba, resamples=BOOTSTRAP_RESAMPLES, seed=0):
+    """95% percentile intervals of accuracy, balanced accuracy and macro-F1 over ``resamples``
+    seeded bootstrap resamples of the predictions: ``{"accuracy_ci95": [lo, hi], ...}``."""
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(proba).argmax(axis=1)
+    n, n_classes = len(y_true), np.asarray(proba).shape[1]
+    rng = np.random.default_rng(seed)
+    scores = {name: [] for name in CI_METRICS}
+    for start in range(0, resamples, BOOTSTRAP_BLOCK):
+        block = min(BOOTSTRAP_BLOCK, resamples - start)
+        weights = rng.multinomial(n, np.full(n, 1.0 / n), size=block)
+        for name, values in resample_scores(y_true, y_pred, weights, n_classes).items():
+            scores[name].append(values)
+    return {f"{name}_ci95": [float(v) for v in np.percentile(np.concatenate(values), [2.5, 97.5])]
+            for name, values in scores.items()}
+
+
 def _abbreviate(names, width=ABBREVIATION):
     """Short, distinct column labels: names cut to ``width``, else their index."""
     short = [name[:width] for name in names]
@@ -50,10 +88,14 @@ def _abbreviate(names, width=ABBREVIATION):
 
 def format_report(report):
     """The report as a readable text block: headline, per-class table, confusion matrix."""
+    def interval(name):
+        ci = report.get(f"{name}_ci95")
+        return f"   95% CI [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
+
     headline = [
-        f"accuracy           {report['accuracy']:.4f}   (n = {report['n']})",
-        f"balanced accuracy  {report['balanced_accuracy']:.4f}",
-        f"macro F1           {report['macro_f1']:.4f}",
+        f"accuracy           {report['accuracy']:.4f}{interval('accuracy')}   (n = {report['n']})",
+        f"balanced accuracy  {report['balanced_accuracy']:.4f}{interval('balanced_accuracy')}",
+        f"macro F1           {report['macro_f1']:.4f}{interval('macro_f1')}",
     ]
     if report["top5_accuracy"] is not None:
         headline.insert(1, f"top-5 accuracy     {report['top5_accuracy']:.4f}")

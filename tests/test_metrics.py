@@ -3,8 +3,10 @@
 import json
 
 import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
-from pipeline.metrics import classification_report, format_report
+from pipeline.metrics import bootstrap_intervals, classification_report, format_report, resample_scores
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog"]
 
@@ -58,3 +60,50 @@ def test_format_report_shows_headline_table_and_matrix():
     assert len(table_rows) == 2  # per-class row and confusion-matrix row
     assert "automo" in text  # matrix columns use abbreviated names
     assert ["airpla", "automo", "bird", "cat", "deer", "dog"] in [line.split() for line in text.splitlines()]
+
+
+def test_resampled_scores_equal_scikit_learns_with_the_same_weights():
+    rng = np.random.default_rng(3)
+    y_true = rng.integers(0, 4, 60)
+    y_pred = np.where(rng.random(60) < 0.7, y_true, rng.integers(0, 4, 60))
+    y_pred[y_pred == 3] = 2  # a class never predicted: its F1 is 0, as in the report
+    weights = rng.multinomial(60, np.full(60, 1 / 60), size=5)
+    scores = resample_scores(y_true, y_pred, weights, 4)
+    for r, w in enumerate(weights):
+        assert scores["accuracy"][r] == pytest.approx(accuracy_score(y_true, y_pred, sample_weight=w))
+        assert scores["balanced_accuracy"][r] == pytest.approx(
+            balanced_accuracy_score(y_true, y_pred, sample_weight=w))
+        assert scores["macro_f1"][r] == pytest.approx(
+            f1_score(y_true, y_pred, average="macro", labels=range(4), sample_weight=w, zero_division=0))
+
+
+def test_bootstrap_interval_of_accuracy_has_the_binomial_width_and_narrows_with_more_images():
+    rng = np.random.default_rng(0)
+
+    def interval(n):
+        y = rng.integers(0, 2, n)
+        right = np.arange(n) < 0.8 * n  # exactly 80% correct
+        proba = np.eye(2)[np.where(right, y, 1 - y)]
+        return bootstrap_intervals(y, proba)["accuracy_ci95"]
+
+    lo, hi = interval(400)
+    half = 1.96 * np.sqrt(0.8 * 0.2 / 400)  # the normal approximation: 0.039
+    assert lo == pytest.approx(0.8 - half, abs=0.01) and hi == pytest.approx(0.8 + half, abs=0.01)
+    lo_big, hi_big = interval(6400)
+    assert lo_big < 0.8 < hi_big and (hi_big - lo_big) < (hi - lo) / 3
+
+
+def test_evaluate_ci_adds_intervals_to_the_table_and_the_json(extracted, run_cli, tmp_path):
+    _, features, _ = extracted(per_class=10)
+    head = tmp_path / "head.pt"
+    assert run_cli("train-head", features, "--out", head).exit_code == 0
+    out = tmp_path / "metrics.json"
+    result = run_cli("evaluate", "--features", features, "--head", head, "--json", out, "--ci")
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    for name in ("accuracy", "balanced_accuracy", "macro_f1"):
+        lo, hi = report[f"{name}_ci95"]
+        assert 0 <= lo <= report[name] <= hi <= 1
+    assert "95% CI [" in result.stdout
+    plain = run_cli("evaluate", "--features", features, "--head", head, "--json", out)
+    assert "95% CI" not in plain.stdout and "accuracy_ci95" not in json.loads(out.read_text())
