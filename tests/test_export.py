@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from conftest import assert_clean_error, invoke, make_image_folder, write_image
 from pipeline.data import EvalTransform, ImageFiles
