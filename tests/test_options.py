@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import FAST_BACKBONE, FAST_EXTRACT, assert_clean_error, invoke, make_image_folder
-from pipeline.cli import FloatList, Shard, main
+from pipeline.cli import main
+from pipeline.cli_options import FloatList, Shard
 from pipeline.heads import LinearHead
 from pipeline.store import read_features
 
