@@ -103,8 +103,12 @@ def time_ceiling(spec, pixels: torch.Tensor, batch_size: int, compiled: bool = F
 
 
 def decode_costs(files: list[Path], transform) -> dict[str, float]:
-    """Seconds per image on one core, from file to (3, crop, crop) uint8, for each decoder."""
-    import simplejpeg
+    """Seconds per image on one core, from file to (3, crop, crop) uint8, for each decoder
+    (simplejpeg where it is installed)."""
+    try:
+        import simplejpeg
+    except ImportError:
+        simplejpeg = None
 
     def simple(path):
         data = path.read_bytes()
@@ -115,7 +119,7 @@ def decode_costs(files: list[Path], transform) -> dict[str, float]:
 
     decoders = {
         "pil_draft (pipe)": lambda path: transform.pixels(open_rgb(path, transform.resize)),
-        "simplejpeg_dct_scaled": simple,
+        **({"simplejpeg_dct_scaled": simple} if simplejpeg else {}),
         "torchvision_full (pipe --full-decode)": lambda path: transform.pixels(
             decode_jpeg(torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8))),
         "pil_full": lambda path: transform.pixels(open_rgb(path)),
