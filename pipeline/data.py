@@ -195,15 +195,15 @@ class ImageFiles(torch.utils.data.Dataset):
         if self.decode == "draft":
             return self.transform.pixels(open_rgb(path, self.transform.resize)), None, 1
         data = path.read_bytes()
-        if data[:3] != JPEG_MAGIC:
-            return self.transform.pixels(open_rgb(io.BytesIO(data))), None, 1
-        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        if self.decode == "device":
-            return None, raw, exif_orientation(data)
-        try:
-            return self.transform.pixels(upright(decode_jpeg(raw), exif_orientation(data))), None, 1
-        except RuntimeError:  # a JPEG libjpeg-turbo rejects as torchvision drives it: PIL may still read it
-            return self.transform.pixels(open_rgb(io.BytesIO(data))), None, 1
+        if data[:3] == JPEG_MAGIC:
+            raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            if self.decode == "device":
+                return None, raw, exif_orientation(data)
+            try:
+                return self.transform.pixels(upright(decode_jpeg(raw), exif_orientation(data))), None, 1
+            except RuntimeError:  # a JPEG libjpeg-turbo rejects as torchvision drives it: PIL may still read it
+                pass
+        return self.transform.pixels(open_rgb(io.BytesIO(data))), None, 1
 
     def collate(self, items) -> ImageBatch:
         index, pixels, jpegs, orientations, errors = zip(*items)

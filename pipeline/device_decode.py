@@ -16,6 +16,7 @@ import torch
 
 from .data import EvalTransform, ImageBatch, decode_jpeg, open_rgb, upright
 
+
 def _decode_one(jpeg: torch.Tensor, orientation: int, transform: EvalTransform, device) -> torch.Tensor | str:
     """One file's pixels: on the device, else with PIL on the CPU; or why neither could read it."""
     try:

@@ -13,8 +13,8 @@ from importlib import metadata
 from ..data import EvalTransform
 from ..errors import PipeError
 from .spec import CatalogEntry, Weights
-from .timm import TimmFamily, _build, create_on_meta
-from .weights import read_state_dict, seeded
+from .timm import TimmFamily, create, create_on_meta
+from .weights import read_state_dict, stored_weights
 
 NAME = "efficientnet_lite0"
 ARCH = "tf_efficientnet_lite0"
@@ -88,8 +88,8 @@ class PackagedLite0(TimmFamily):
         if given.upper() != "DEFAULT":
             raise PipeError(f"{NAME} takes --weights DEFAULT (packaged), none, or a file; got {given!r}")
         path, source = package_file(), f"package {PACKAGE}"
-        return Weights(given, f"package:{PACKAGE}=={metadata.version(PACKAGE)}", transform, source,
-                       partial(seeded, partial(_build, ARCH), source, partial(package_state, path)))
+        return stored_weights(given, f"package:{PACKAGE}=={metadata.version(PACKAGE)}", transform, source,
+                              partial(create, ARCH), partial(package_state, path))
 
     def catalog(self, wanted, everything):
         if wanted(NAME, "efficientnet"):

@@ -22,7 +22,7 @@ from ..data import EvalTransform
 from ..errors import PipeError
 from .pooling import SPATIAL_POOLS, TOKEN_POOLS, PooledLayer, check_pool
 from .spec import CatalogEntry, Family, Features, Weights, is_meta
-from .weights import common_weights, read_state_dict, seeded
+from .weights import common_weights, read_state_dict, stored_weights
 
 PREFIX = "timm:"
 HF_FILENAMES = ("model.safetensors", "pytorch_model.bin")  # what timm publishes on the hub, in its order
@@ -181,10 +181,6 @@ def default_pool(model: nn.Module) -> str | None:
 TIMM_GLOBAL_POOL = {"cls": "token", "mean-tokens": "avg", "avg": "avg", "max": "max"}
 
 
-def _build(full_name: str, state: dict | None, source: str, **kwargs) -> nn.Module:
-    return create(full_name, state, source, **kwargs)
-
-
 def _layer_index(spec, layers: list[str]) -> int:
     if spec.layer in layers:
         return layers.index(spec.layer)
@@ -221,7 +217,7 @@ class TimmFamily(Family):
     def resolve_weights(self, name: str, given: str) -> Weights:
         full = self.arch(name)
         transform = transform_of(full)
-        return common_weights(given, transform, partial(_build, full)) or self.published_weights(name, given, transform)
+        return common_weights(given, transform, partial(create, full)) or self.published_weights(name, given, transform)
 
     def published_weights(self, name: str, given: str, transform: EvalTransform) -> Weights:
         """DEFAULT weights: the Hugging Face cache, identified by repository and snapshot (commit)."""
@@ -231,8 +227,8 @@ class TimmFamily(Family):
         full = self.arch(name)
         path = weights_file(full)
         commit = path.parent.name if path.parent.parent.name == "snapshots" else "?"
-        return Weights(given, f"hf:{pretrained_cfg(full).hf_hub_id}@{commit[:12]}", transform, str(path),
-                       partial(seeded, partial(_build, full), str(path), partial(read_state_dict, path)))
+        return stored_weights(given, f"hf:{pretrained_cfg(full).hf_hub_id}@{commit[:12]}", transform, str(path),
+                              partial(create, full), partial(read_state_dict, path))
 
     def _size_kwargs(self, spec) -> dict:
         """Models that fix their input size (ViTs) are built for the crop when it differs."""

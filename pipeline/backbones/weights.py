@@ -89,6 +89,13 @@ def seeded(build, source: str, read_state=None, **kwargs) -> nn.Module:
     return build(read_state() if read_state else None, source, **kwargs)
 
 
+def stored_weights(given: str, weights_id: str, transform: EvalTransform, source: str, build,
+                   read_state) -> Weights:
+    """Weights whose state_dict ``read_state()`` reads (a file, a cache, a package), loaded
+    by the family's ``build(state, source, **kwargs)``; both must be picklable."""
+    return Weights(given, weights_id, transform, source, partial(seeded, build, source, read_state))
+
+
 def common_weights(given: str, transform: EvalTransform, build) -> Weights | None:
     """``none`` or a state_dict file as a :class:`Weights` value for a family whose
     ``build(state, source, **kwargs)`` makes its model; None when ``given`` is neither (published
@@ -102,5 +109,4 @@ def common_weights(given: str, transform: EvalTransform, build) -> Weights | Non
     path = Path(given)
     if not path.is_file():
         raise PipeError(f"weights file {given} does not exist")
-    return Weights(given, f"file:{sha256_file(path)}", transform, given,
-                   partial(seeded, build, given, partial(read_state_dict, path)))
+    return stored_weights(given, f"file:{sha256_file(path)}", transform, given, build, partial(read_state_dict, path))
