@@ -65,7 +65,7 @@ def extract(obj, data, **options):
     s = extract_features(data, progress=not obj["quiet"], **options)
     if s.rank:
         return
-    for warning in _split_warnings(s.out):
+    for warning in s.warnings:
         click.echo(f"warning: {warning}", err=True)
     if not s.written:
         click.echo(f"{s.out} is up to date: {s.total - len(s.failed)} images, nothing to extract "
@@ -76,19 +76,6 @@ def extract(obj, data, **options):
                f"({s.seconds:.1f} s{rate})")
     if s.failed:
         click.echo(f"skipped images are listed by `pipe info {s.out} --failed`", err=True)
-
-
-def _split_warnings(path) -> list[str]:
-    """What is wrong with the automatic split of a feature file, if it has one."""
-    from .scan import split_warnings
-    from .store import read_features
-
-    f = read_features(path, with_features=False)
-    if f.attrs.get("given_splits") or "split_fractions" not in f.attrs:
-        return []
-    fractions = f.attrs["split_fractions"]
-    fractions = json.loads(fractions) if isinstance(fractions, str) else fractions
-    return split_warnings(f.labels, f.split, len(f.classes), [float(x) for x in fractions])
 
 
 @main.command()

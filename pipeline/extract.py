@@ -17,7 +17,7 @@ from tqdm import tqdm
 from . import __version__
 from .devices import default_batch_size, default_workers, resolve_device
 from .errors import PipeError
-from .scan import DEFAULT_SPLIT_FRACTIONS, display_path, scan_image_folder
+from .scan import DEFAULT_SPLIT_FRACTIONS, display_path, scan_image_folder, split_warnings
 from .store import FEATURE_DTYPES, ExtractionCache, Rows, is_up_to_date
 
 # torch is imported only once there is work to do: an up-to-date run stays fast
@@ -39,6 +39,7 @@ class ExtractSummary:
     seconds: float = 0.0
     written: bool = True
     rank: int = 0  # under torchrun, only rank 0 reports
+    warnings: list[str] = field(default_factory=list)  # e.g. an automatic split too small to measure on
 
     @property
     def images_per_second(self) -> float:
@@ -128,10 +129,11 @@ def extract_features(
                 manifest.mtime_ns[selected], [manifest.paths[i] for i in selected])
     request = _request(model, weights, image_size, dtype, layer, pool, tta, full_decode)
     labels, split = manifest.labels[selected], manifest.split[selected]
+    warnings = [] if manifest.given_splits else split_warnings(labels, split, len(manifest.classes), split_fractions)
     if not overwrite and int(os.environ.get("WORLD_SIZE", "1")) == 1 and \
             is_up_to_date(out, request, rows, labels, split, manifest.classes):
         return ExtractSummary(out=Path(out), total=len(rows.paths), extracted=0, reused=len(rows.paths),
-                              seconds=time.perf_counter() - started, written=False)
+                              seconds=time.perf_counter() - started, written=False, warnings=warnings)
     from .backbones import resolve_backbone
     from .distributed import Workers
 
@@ -174,7 +176,8 @@ def extract_features(
         group.close()
     return ExtractSummary(out=Path(out), total=len(rows.paths), extracted=len(todo) - len(failed),
                           reused=len(rows.paths) - len(todo), failed=committed.failed,
-                          seconds=time.perf_counter() - started, written=committed.written, rank=group.rank)
+                          seconds=time.perf_counter() - started, written=committed.written, rank=group.rank,
+                          warnings=warnings)
 
 
 def _request(model, weights, image_size, dtype, layer, pool, tta, full_decode) -> dict:
