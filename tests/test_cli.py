@@ -565,3 +565,15 @@ def test_predict_on_images_agrees_with_the_cached_features(ws):
         assert p.top[0][0] == head.classes[int(proba.argmax())] == relative.split("/")[0]
         for name, prob in p.top:
             assert prob == pytest.approx(float(proba[head.classes.index(name)]), abs=1e-3)
+
+
+def test_extract_warns_when_the_automatic_split_leaves_too_few_to_measure_on(image_folder, run_cli, tmp_path):
+    small = image_folder("small", per_class=4)
+    result = run_cli("extract", small, "--out", tmp_path / "small.h5", *FAST_EXTRACT)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: the automatic split left")]
+    assert len(warnings) == 2 and "val" in warnings[0] and "test" in warnings[1], result.stderr
+    assert "fewer than 10 in 3 of 3 classes" in warnings[0]
+    given = image_folder("given", splits={"train": 4, "test": 2})  # given splits are the user's choice
+    result = run_cli("extract", given, "--out", tmp_path / "given.h5", *FAST_EXTRACT)
+    assert result.exit_code == 0 and "warning" not in result.stderr, result.stderr
