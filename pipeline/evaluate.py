@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .errors import PipeError
-from .heads import LinearHead
+from .heads import load_head
 from .metrics import bootstrap_intervals, classification_report
 from .store import read_features
 
@@ -13,7 +13,7 @@ def evaluate_head(features_path, head_path, split: str = "test", ci: bool = Fals
     :func:`pipeline.metrics.classification_report`); with ``ci``, also their bootstrap 95%
     intervals (``accuracy_ci95``, ...: :func:`pipeline.metrics.bootstrap_intervals`). The head
     must have been trained on features with the same fingerprint and classes."""
-    head = LinearHead.load(head_path)
+    head = load_head(head_path)
     features = read_features(features_path)
     head.check_fingerprint(features.fingerprint)
     if head.classes != features.classes:
