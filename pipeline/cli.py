@@ -9,6 +9,7 @@ import click
 
 from . import __version__
 from .allocator import keep_large_buffers
+from .cpu_sharing import let_threads_sleep
 from .cli_options import (DEFAULT_FEATURES, DEFAULT_HEAD, DEFAULT_METRICS, MAX_LR, MAX_WORKERS,
                           POSITIVE, SEED, FiniteFloat, FloatList, PipeGroup, Shard, backbone_options, config_option,
                           device_option, ensure_parent, global_flags)
@@ -22,6 +23,8 @@ from .cli_options import (DEFAULT_FEATURES, DEFAULT_HEAD, DEFAULT_METRICS, MAX_L
 def main(ctx, quiet, debug):
     """Transfer learning by feature extraction: extract once, train heads in seconds."""
     keep_large_buffers()  # before torch allocates anything: see pipeline.allocator
+    if ctx.invoked_subcommand in ("extract", "predict"):
+        let_threads_sleep()  # before torch loads: see pipeline.cpu_sharing
     ctx.obj = {"quiet": quiet, "debug": debug}
 
 

@@ -48,17 +48,25 @@ class ExtractSummary:
 
 class FeatureExtractor:
     """Runs a :class:`Backbone` on uint8 image batches: normalisation on the device,
-    channels_last, autocast on CUDA, eval mode and ``inference_mode``.
+    channels_last, BatchNorm folded into the convolutions (:mod:`pipeline.backbones.folding`),
+    autocast on CUDA, eval mode and ``inference_mode``.
 
     ``compile_batch`` compiles the module with ``torch.compile`` for that batch size; smaller
-    batches (the last one) are zero-padded to it, so the graph compiles once."""
+    batches (the last one) are zero-padded to it, so the graph compiles once. ``fold=False``
+    leaves the BatchNorms as they are (bench/extract.py measures what folding gains)."""
 
-    def __init__(self, backbone: Backbone, device: torch.device, compile_batch: int | None = None):
+    def __init__(self, backbone: Backbone, device: torch.device, compile_batch: int | None = None, fold: bool = True):
         import torch
+
+        from .backbones.folding import fold_batchnorm
 
         self.backbone = backbone
         self.device = device
         self.module = backbone.module.to(device).to(memory_format=torch.channels_last)
+        crop = backbone.spec.transform.crop
+        example = torch.randn(2, 3, crop, crop, generator=torch.Generator().manual_seed(0))
+        example = example.to(device).contiguous(memory_format=torch.channels_last)
+        self.folded = fold_batchnorm(self.module, example) if fold else 0
         self.compile_batch = compile_batch
         if compile_batch:
             self.module = torch.compile(self.module, dynamic=False)
@@ -253,7 +261,7 @@ def _run(run: FeatureExtractor, root, todo: list[int], rows: Rows, cache: Extrac
     spec = run.backbone.spec
     dataset = ImageFiles(root, [rows.source_paths[i] for i in todo], spec.transform,
                          decode_for(spec.full_decode, run.device))
-    loader = image_loader(dataset, batch_size, workers, pin_memory=run.device.type == "cuda")
+    loader = image_loader(dataset, batch_size, workers, run.device)
     failures = []
     with ThreadPoolExecutor(max_workers=1) as writer, \
             tqdm(total=len(todo), unit="img", disable=not progress, desc="extract", dynamic_ncols=True) as bar:

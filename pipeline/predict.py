@@ -80,7 +80,7 @@ def predict_images(head: Head, inputs, topk: int = 5, device: str = "auto", batc
     run = FeatureExtractor(backbone, resolve_device(device))
     transform = backbone.spec.transform
     dataset = ImageFiles(Path("."), [str(p) for p in files], transform, decode_for(backbone.spec.full_decode, run.device))
-    loader = image_loader(dataset, batch_size, workers)
+    loader = image_loader(dataset, batch_size, workers, run.device)
     k = min(topk, len(head.classes))
     storage = np.dtype(backbone.spec.dtype)
     results = []
