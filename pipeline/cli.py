@@ -27,7 +27,13 @@ def main(ctx, quiet, debug):
 
 @main.command()
 @global_flags
-@click.argument("data", type=click.Path(file_okay=False))
+@click.argument("data", required=False, type=click.Path(file_okay=False))
+@click.option("--manifest", "manifest_file", default=None, type=click.Path(dir_okay=False),
+              help="A CSV, TSV or Parquet table of the images (columns path, label, optional split) instead of DATA.")
+@click.option("--root", default=None, type=click.Path(file_okay=False),
+              help="Folder the manifest's relative paths start from [default: the manifest's folder].")
+@click.option("--label-sep", default="|", show_default=True,
+              help="Separates the labels of a multi-label manifest cell.")
 @backbone_options
 @click.option("--out", default=DEFAULT_FEATURES, show_default=True, type=click.Path(dir_okay=False))
 @click.option("--batch-size", default=None, type=POSITIVE, help="Images per forward pass [default: 32 on CPU, 256 on CUDA].")
@@ -59,7 +65,7 @@ def main(ctx, quiet, debug):
 @config_option
 @click.pass_obj
 def extract(obj, data, **options):
-    """Run the frozen backbone once over DATA and cache pooled features (HDF5)."""
+    """Run the frozen backbone once over DATA (or a --manifest table) and cache pooled features (HDF5)."""
     from .extract import extract_features
 
     s = extract_features(data, progress=not obj["quiet"], **options)
