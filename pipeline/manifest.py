@@ -27,10 +27,12 @@ LISTED_ROWS = 10  # row numbers named in one message; the rest are counted
 
 
 def _rows_phrase(rows: list[int]) -> str:
-    """``rows 3, 7 and 12`` (the first ``LISTED_ROWS``, then how many more)."""
-    shown = ", ".join(map(str, rows[:LISTED_ROWS]))
-    more = f" and {len(rows) - LISTED_ROWS} more" if len(rows) > LISTED_ROWS else ""
-    return f"row{'s' if len(rows) > 1 else ''} {shown}{more}"
+    """``row 3``, ``rows 3, 7 and 12``, or the first ``LISTED_ROWS`` and how many more."""
+    if len(rows) == 1:
+        return f"row {rows[0]}"
+    if len(rows) <= LISTED_ROWS:
+        return f"rows {', '.join(map(str, rows[:-1]))} and {rows[-1]}"
+    return f"rows {', '.join(map(str, rows[:LISTED_ROWS]))} and {len(rows) - LISTED_ROWS} more"
 
 
 def _read_delimited(file: Path, delimiter: str) -> tuple[list[str], list[list[str]]]:
