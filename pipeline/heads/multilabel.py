@@ -72,15 +72,21 @@ class MultilabelHead(LinearHead):
 
 
 def f1_thresholds(targets, proba):
-    """Each class's F1-optimal threshold (C,) on held-out ``proba`` against ``targets`` (N, C),
-    the smallest probability of the best-F1 cut; ``DEFAULT_THRESHOLD`` for a class without a
-    held-out positive. Returns the thresholds and the indices of those defaulted classes."""
+    """Each class's F1-optimal threshold (C,) float32 on held-out ``proba`` against ``targets``
+    (N, C): halfway between the lowest probability of the best-F1 cut and the next lower one
+    (a margin on both sides), rounded down to float32 so the cut keeps every image it chose;
+    ``DEFAULT_THRESHOLD`` for a class without a held-out positive. Returns the thresholds and
+    the indices of those defaulted classes."""
     thresholds = np.full(targets.shape[1], DEFAULT_THRESHOLD, dtype=np.float32)
     for c in range(targets.shape[1]):
         if targets[:, c].any():
             precision, recall, cuts = metrics.precision_recall_curve(targets[:, c], proba[:, c])
             f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
-            thresholds[c] = cuts[int(np.argmax(f1[:-1]))]
+            cut = cuts[int(np.argmax(f1[:-1]))]
+            below = proba[:, c][proba[:, c] < cut]
+            threshold = (cut + below.max()) / 2 if len(below) else cut
+            rounded = np.float32(threshold)
+            thresholds[c] = np.nextafter(rounded, np.float32(0)) if rounded > threshold else rounded
     return thresholds, np.flatnonzero(~targets.any(axis=0))
 
 
@@ -107,7 +113,8 @@ class MultilabelProbe:
     scored: val, a hold-out, or every row once across the cross-validation folds),
     ``n_iter_``/``stop_`` (per strength, over its C classes: the most iterations, and
     "converged" only if every class converged), ``converged_``, ``warnings_``,
-    ``n_train_``, ``n_val_``, ``fit_seconds_``.
+    ``n_train_``, ``n_val_``, ``sweep_seconds_`` (choosing the strength and thresholds) and
+    ``fit_seconds_`` (all of it).
     """
 
     score_name = "mAP"
@@ -138,9 +145,10 @@ class MultilabelProbe:
         self.n_train_, self.n_val_ = len(parts[0][2]), len(pool) - len(parts[0][2])
         self.n_iter_, self.stop_, self.grid_scores_, self.warnings_ = {}, {}, [], []
         self.thresholds_ = np.full(pool.shape[1], DEFAULT_THRESHOLD, dtype=np.float32)
-        init = None
+        init, self.sweep_seconds_ = None, 0.0
         if splits:
             init = self._select(parts, splits)
+            self.sweep_seconds_ = time.perf_counter() - started
         else:
             self.best_strength_ = self.grid_[0] if self.selection_.method == "given" else DEFAULT_STRENGTH
             self.warnings_.append(f"no held-out images to choose thresholds on: every class's is "
