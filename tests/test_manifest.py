@@ -142,6 +142,8 @@ def test_multi_label_cells_give_a_targets_matrix_and_a_stratified_split(tmp_path
     assert (features.labels == -1).all()
     for split in ("train", "val", "test"):  # stratified: every class on every side
         assert features.targets[features.split == split].any(axis=0).all(), split
+    # the small-split warning counts an image for each of its labels
+    assert "the automatic split left 3 val images, 1 to 2 per class (fewer than 10 in 4 of 4 classes)" in result.stderr
     with h5py.File(out) as f:
         assert f.attrs["task"] == "multilabel" and f["targets"].shape == (24, 4)
     # another separator: the same cells are now single labels of their own
