@@ -141,7 +141,8 @@ def train_head(features, out, kind, **params):
         chosen = f"{label} {dict(probe.grid_scores_)[probe.best_strength_]:.4f}, {selection.describe()}"
     else:
         chosen = selection.describe()
-    click.echo(f"{kind}{' multi-label' if head.kind == 'multilabel' else ''} head: strength {probe.best_strength_:.3g} ({chosen}), "
+    what = f"{kind} multi-label" if head.kind == "multilabel" else kind
+    click.echo(f"{what} head: strength {probe.best_strength_:.3g} ({chosen}), "
                f"trained in {probe.fit_seconds_:.2f} s -> {out}")
     for warning in probe.warnings_:
         click.echo(f"warning: {warning}", err=True)
