@@ -146,12 +146,20 @@ def test_multi_label_cells_give_a_targets_matrix_and_a_stratified_split(tmp_path
     assert "the automatic split left 3 val images, 1 to 2 per class (fewer than 10 in 4 of 4 classes)" in result.stderr
     with h5py.File(out) as f:
         assert f.attrs["task"] == "multilabel" and f["targets"].shape == (24, 4)
+    # relabelled: the new targets, and no image through the backbone again
+    rows[0][1] = "grass|sun"
+    write_table(table, ["path", "label"], rows)
+    again = run_cli("extract", "--manifest", table, "--root", data, "--out", out, *FAST_EXTRACT)
+    assert "0 extracted, 24 reused" in again.stdout
+    relabelled = read_features(out)
+    assert relabelled.targets[relabelled.paths.tolist().index(rows[0][0])].tolist() == [1, 0, 1, 0]
+    np.testing.assert_array_equal(relabelled.features, features.features)
     # another separator: the same cells are now single labels of their own
-    relabelled = run_cli("extract", "--manifest", table, "--root", data, "--label-sep", ";", "--out",
-                         tmp_path / "single.h5", *FAST_EXTRACT)
-    assert relabelled.exit_code == 0, relabelled.output
+    separated = run_cli("extract", "--manifest", table, "--root", data, "--label-sep", ";", "--out",
+                        tmp_path / "single.h5", *FAST_EXTRACT)
+    assert separated.exit_code == 0, separated.output
     single = read_features(tmp_path / "single.h5")
-    assert single.targets is None and single.classes == ["grass", "sky|water", "sun | sky"]
+    assert single.targets is None and single.classes == ["grass", "grass|sun", "sky|water", "sun | sky"]
     with h5py.File(tmp_path / "single.h5") as f:
         assert "task" not in f.attrs and "targets" not in f
 
