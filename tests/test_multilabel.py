@@ -60,6 +60,10 @@ def test_thresholds_maximise_each_classs_f1_on_held_out_predictions():
             tp = (predicted & (Y[:, c] == 1)).sum()
             return 2 * tp / (predicted.sum() + Y[:, c].sum())
         assert f1(thresholds[c]) == pytest.approx(max(f1(t) for t in proba[:, c]))
+    # stored as float32, a threshold never rises above the images its cut chose
+    close = np.array([[0.1], [0.3], [np.nextafter(0.3, 1)]])
+    threshold, _ = f1_thresholds(np.array([[0], [0], [1]], dtype=np.uint8), close)
+    assert threshold.dtype == np.float32 and threshold[0] <= close[2, 0]
 
 
 def test_small_data_falls_back_like_the_linear_head_and_says_so():
