@@ -17,6 +17,7 @@ from tqdm import tqdm
 from . import __version__
 from .devices import default_batch_size, default_workers, resolve_device
 from .errors import PipeError
+from .manifest import read_manifest
 from .scan import DEFAULT_SPLIT_FRACTIONS, display_path, scan_image_folder, split_warnings
 from .store import FEATURE_DTYPES, ExtractionCache, Rows, is_up_to_date
 
@@ -92,7 +93,7 @@ def _check_options(dtype: str, batch_size: int | None, checkpoint_every: int) ->
 
 
 def extract_features(
-    data_root,
+    data_root=None,
     model: str = "efficientnet_lite0",
     weights: str = "DEFAULT",
     out="cache/features.h5",
@@ -113,8 +114,14 @@ def extract_features(
     tta: str | None = None,
     full_decode: bool | None = None,
     compile: bool = False,
+    manifest_file=None,
+    root=None,
+    label_sep: str = "|",
 ) -> ExtractSummary:
-    """Extract features for every image under ``data_root`` into ``out`` (HDF5).
+    """Extract features for every image under ``data_root``, or listed in the table
+    ``manifest_file`` (CSV, TSV or Parquet; paths relative to ``root``, by default the table's
+    folder; ``label_sep`` separates the labels of a multi-label cell: :mod:`pipeline.manifest`),
+    into ``out`` (HDF5).
 
     Only images not already in ``out`` (same path, size and mtime, same fingerprint) are run
     through the backbone; results are committed in parts every ``checkpoint_every`` images,
@@ -131,15 +138,24 @@ def extract_features(
     """
     _check_options(dtype, batch_size, checkpoint_every)
     started = time.perf_counter()
-    manifest = scan_image_folder(data_root, split_fractions, seed)
+    if (data_root is None) == (manifest_file is None):
+        raise PipeError("give either a data folder or --manifest FILE (not both)")
+    if root is not None and manifest_file is None:
+        raise PipeError("--root applies to --manifest only")
+    manifest = (scan_image_folder(data_root, split_fractions, seed) if manifest_file is None
+                else read_manifest(manifest_file, root, label_sep, split_fractions, seed))
     selected = np.arange(len(manifest)) if shard is None else _shard_rows(len(manifest), *shard)
     rows = Rows([display_path(manifest.paths[i]) for i in selected], manifest.size[selected],
                 manifest.mtime_ns[selected], [manifest.paths[i] for i in selected])
     request = _request(model, weights, image_size, dtype, layer, pool, tta, full_decode)
     labels, split = manifest.labels[selected], manifest.split[selected]
-    warnings = [] if manifest.given_splits else split_warnings(labels, split, len(manifest.classes), split_fractions)
+    targets = None if manifest.targets is None else manifest.targets[selected]
+    warnings = list(manifest.notes)
+    if not manifest.given_splits:
+        warnings += split_warnings(labels if targets is None else targets, split, len(manifest.classes),
+                                   split_fractions)
     if not overwrite and int(os.environ.get("WORLD_SIZE", "1")) == 1 and \
-            is_up_to_date(out, request, rows, labels, split, manifest.classes):
+            is_up_to_date(out, request, rows, labels, split, manifest.classes, targets):
         return ExtractSummary(out=Path(out), total=len(rows.paths), extracted=0, reused=len(rows.paths),
                               seconds=time.perf_counter() - started, written=False, warnings=warnings)
     from .backbones import resolve_backbone
@@ -175,11 +191,12 @@ def extract_features(
         attrs = {
             "classes": manifest.classes, "model": spec.name, "weights": spec.weights.given, "weights_id": spec.weights.id,
             "transform": spec.transform.to_dict(), "identity": spec.identity, "fingerprint": spec.fingerprint,
-            "dtype": dtype, "pipe_version": __version__, "data_root": str(Path(data_root).resolve()),
+            "dtype": dtype, "pipe_version": __version__, "data_root": str(manifest.root.resolve()),
             "split_seed": seed, "split_fractions": list(split_fractions), "given_splits": manifest.given_splits,
             "request": request, **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {}),
+            **({"manifest": str(Path(manifest_file).resolve())} if manifest_file is not None else {}),
         }
-        committed = group.leader_then_all(lambda: cache.commit(rows, labels, split, attrs))
+        committed = group.leader_then_all(lambda: cache.commit(rows, labels, split, attrs, targets))
     finally:
         cache.release()
         group.close()
