@@ -26,11 +26,15 @@ SETTINGS = dict(model="resnet18", weights="none", image_size=32, workers=0, prog
 
 
 def read_all(path):
-    """Everything a reader of the file sees: datasets and attributes (data_root aside)."""
+    """Everything a reader of the file sees: datasets and attributes, except the seconds the
+    extraction took (a measurement, different on every run; its image count and device stay)."""
     with h5py.File(path, "r") as f:
         data = {name: f[name][:] for name in ("labels", "file_size", "file_mtime_ns")}
         data |= {name: f[name].asstr()[:].tolist() for name in ("paths", "split", "failed/paths", "failed/errors")}
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+        extraction = json.loads(attrs["extraction"])
+        assert extraction.pop("seconds") > 0
+        attrs["extraction"] = extraction
         return data, attrs, f["features"][:].astype(np.float32)
 
 
