@@ -34,8 +34,8 @@ def brute_force_proba(X_ref, y_ref, X, k, temperature, n_classes):
 
 
 def test_the_head_votes_with_weights_exp_similarity_over_temperature():
-    X, y = blobs(20, spread=4.0)
-    X_query, _ = blobs(5, spread=4.0, seed=1)
+    X, y = blobs(25, spread=4.0)
+    X, y, X_query = X[:60], y[:60], X[60:]
     head = KNNProbe(k=[7], temperature=0.5).fit(X, y).to_head(["a", "b", "c"], "fp", {})
     expected = brute_force_proba(X, y, X_query, 7, 0.5, 3)
     np.testing.assert_allclose(head.predict_proba(X_query), expected, atol=2e-3)  # float16 references
@@ -97,12 +97,12 @@ def test_k_beyond_the_references_is_clipped_with_a_warning():
     assert any("k 50, 100 is more than the 12 reference images" in w for w in probe.warnings_)
 
 
-def test_knn_is_close_to_linear_on_separable_blobs():
-    X, y = blobs(30, spread=2.0)
-    X_test, y_test = blobs(30, spread=2.0, seed=5)
+def test_knn_is_close_to_linear_on_overlapping_blobs():
+    X, y = blobs(60, spread=2.5)
+    X, y, X_test, y_test = X[::2], y[::2], X[1::2], y[1::2]
     heads = {name: make_probe(name).fit(X, y).to_head(["a", "b", "c"], "fp", {}) for name in ("knn", "linear")}
     scores = {name: (head.predict(X_test) == y_test).mean() for name, head in heads.items()}
-    assert scores["knn"] >= 0.9 and abs(scores["knn"] - scores["linear"]) <= 0.1, scores
+    assert scores["knn"] >= 0.8 and abs(scores["knn"] - scores["linear"]) <= 0.05, scores
 
 
 @pytest.mark.parametrize("params, message", [

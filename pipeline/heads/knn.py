@@ -191,7 +191,8 @@ class KNNProbe:
             self.warnings_.append(f"k {', '.join(map(str, too_many))} is more than the {n_pool} reference images "
                                   f"(train + val); clipped to {n_pool}")
         self.grid_ = sorted({min(int(k), n_pool) for k in ks})
-        self.selection_, splits = plan_selection(labels, len(self.grid_), mode=self.selection, seed=self.seed,
+        # planned on the k asked for: k clipped to one value still had to be chosen among them
+        self.selection_, splits = plan_selection(labels, len(set(ks)), mode=self.selection, seed=self.seed,
                                                  parameter=K)
         self.grid_scores_, self.chance_ = [], None
         if splits:
