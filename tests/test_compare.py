@@ -34,7 +34,7 @@ def test_ranks_the_files_best_first_with_their_settings_and_speed(two, tmp_path)
         assert row["model"] == "resnet18" and row["feature_dim"] == 512 and row["images_per_second"] > 0
         low, high = row["linear_ci95"]
         assert low <= row["linear_accuracy"] <= high and 0 <= row["knn_accuracy"] <= 1
-    assert {row["pool"] for row in rows} == {"avg", "max"}
+    assert {row["pool"] for row in rows} == {"default", "max"}  # avg is resnet18's own pooling
     header, first, second = result.stdout.splitlines()[:3]
     assert header.split()[:3] == ["rank", "file", "model"] and first.split()[1] == rows[0]["file"]
 
