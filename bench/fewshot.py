@@ -13,6 +13,12 @@ images per class (``--draws`` per size); each draw trains
 and scores both on the file's whole test split. Prints the table and writes the JSON.
 
     python bench/fewshot.py --features /tmp/fm-pool.h5 [--draws 5] [--json bench/results/fewshot-cpu-2core.json]
+
+With ``--command`` it times ``pipe fewshot`` instead (:func:`pipeline.fewshot.run_fewshot` with
+its defaults: 5 shot counts x ``--draws`` trials), for the linear head alone, the kNN head alone
+and both, one after the other in one run, and prints each curve's means:
+
+    python bench/fewshot.py --command --features /work/data/fmnist-200-100.h5 [--json ...]
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.fewshot import draw, run_fewshot  # noqa: E402
 from pipeline.heads import make_probe  # noqa: E402
 
 SHOTS = (1, 2, 5, 10)
@@ -41,12 +48,6 @@ def read_splits(path):
         X, y, split = f["features"][:].astype(np.float32), f["labels"][:].astype(np.int64), f["split"].asstr()[:]
         model = f.attrs["model"]
     return {name: (X[split == name], y[split == name]) for name in ("train", "test")}, model
-
-
-def draw(y, shots, seed):
-    """Sorted row indices of ``shots`` images of every class, seeded."""
-    rng = np.random.default_rng(seed)
-    return np.sort(np.concatenate([rng.choice(np.flatnonzero(y == c), shots, replace=False) for c in np.unique(y)]))
 
 
 def pipe_head(X, y, X_test, y_test):
@@ -84,12 +85,36 @@ def summary(values):
     return {"mean": float(values.mean()), "min": float(values.min()), "max": float(values.max())}
 
 
+def time_command(features, trials):
+    """``pipe fewshot`` on ``features`` with each head alone and with both: seconds and curves."""
+    runs = {}
+    for heads in (("linear",), ("knn",), ("linear", "knn")):
+        result = run_fewshot(features, trials=trials, heads=heads)
+        runs[",".join(heads)] = {"seconds": result.seconds, "curves": result.to_dict()}
+    shots = runs["linear,knn"]["curves"]["shots"]
+    print(f"pipe fewshot {features}: {len(shots)} shot counts x {trials} trials, {torch.get_num_threads()} threads")
+    print("| --heads | seconds | " + " | ".join(f"{s}/class" for s in shots) + " |")
+    print("|---|---|" + "---|" * len(shots))
+    for name, run in runs.items():
+        for head in name.split(","):
+            means = " | ".join(f"{m:.3f}" for m in run["curves"][head]["mean"])
+            print(f"| {name} ({head}) | {run['seconds']:.1f} | {means} |")
+    return {"features": str(features), "trials": trials, "threads": torch.get_num_threads(), "runs": runs}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--features", required=True)
     parser.add_argument("--draws", type=int, default=5)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--command", action="store_true", help="time pipe fewshot instead")
     args = parser.parse_args()
+    if args.command:
+        report = time_command(args.features, args.draws)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(report, indent=2))
+        return
     splits, model = read_splits(args.features)
     X_pool, y_pool = splits["train"]
     X_test, y_test = splits["test"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import PipeError
+from .plotting import pyplot, save_figure
 
 STRATEGIES = ("finetune", "frozen_online", "cached")
 STRATEGY_LABELS = {"finetune": "fine-tune", "frozen_online": "frozen, online", "cached": "cached (pipe)"}
@@ -134,14 +134,7 @@ def _ratio(a: float, b: float) -> float:
 
 def plot_benchmark(result: BenchResult, path) -> Path:
     """Draw test accuracy against training wall-clock time (log scale) for each strategy."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise PipeError("--plot needs matplotlib: pip install 'pipe[plot]' (or pip install matplotlib)") from None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for name, res in result.results.items():
         if res.curve:
             seconds, accuracy = zip(*res.curve)
@@ -158,12 +151,7 @@ def plot_benchmark(result: BenchResult, path) -> Path:
     ax.set_title(f"{s.model}, {result.n_train} training images, {s.epochs} epochs, {result.device}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _seconds(value: float) -> str:

@@ -9,10 +9,10 @@ import click
 
 from . import __version__
 from .allocator import keep_large_buffers
+from .cli_options import (DEFAULT_FEATURES, DEFAULT_HEAD, DEFAULT_METRICS, HEAD_TRAINERS, MAX_LR, MAX_TRIALS,
+                          MAX_WORKERS, POSITIVE, SEED, FiniteFloat, FloatList, IntList, NameList, PipeGroup, Shard,
+                          backbone_options, config_option, device_option, ensure_parent, global_flags)
 from .cpu_sharing import let_threads_sleep
-from .cli_options import (DEFAULT_FEATURES, DEFAULT_HEAD, DEFAULT_METRICS, MAX_LR, MAX_WORKERS,
-                          POSITIVE, SEED, FiniteFloat, FloatList, PipeGroup, Shard, backbone_options, config_option,
-                          device_option, ensure_parent, global_flags)
 
 
 @click.group(cls=PipeGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -104,12 +104,17 @@ def merge(shards, out, overwrite):
 @global_flags
 @click.argument("features", default=DEFAULT_FEATURES, type=click.Path(dir_okay=False))
 @click.option("--out", default=DEFAULT_HEAD, show_default=True, type=click.Path(dir_okay=False))
-@click.option("--head", "kind", default="linear", show_default=True, type=click.Choice(["linear", "sklearn"]),
-              help="linear: batched torch sweep; sklearn: LogisticRegression baseline.")
+@click.option("--head", "kind", default="linear", show_default=True,
+              type=click.Choice(HEAD_TRAINERS),
+              help="linear: batched torch sweep; sklearn: LogisticRegression baseline; knn: weighted cosine "
+                   "k-nearest-neighbours.")
 @click.option("--grid", default=None, type=FloatList(0, positive=True),
-              help="L2 strengths to sweep [default: 16-point log grid].")
+              help="Linear heads: L2 strengths to sweep [default: 16-point log grid].")
+@click.option("--k", "k", default=None, type=IntList(1), help="kNN head: k to choose from [default: 10,20,50,100].")
+@click.option("--temperature", default=None, type=FiniteFloat(min=0, min_open=True),
+              help="kNN head: each neighbour votes exp(similarity / T) [default: 0.07].")
 @click.option("--selection", default="auto", show_default=True, type=click.Choice(["auto", "val", "cv"]),
-              help="How the strength is chosen: auto (val when it holds enough images, else a hold-out or "
+              help="How the strength or k is chosen: auto (val when it holds enough images, else a hold-out or "
                    "k-fold cross-validation over train + val), val (val or a hold-out), cv (k-fold).")
 @click.option("--balanced", is_flag=True, help="Weight classes inversely to their frequency.")
 @click.option("--seed", default=0, show_default=True, type=SEED)
@@ -124,28 +129,33 @@ def merge(shards, out, overwrite):
               help="Mini-batch path: most epochs (early stopping on val) [30].")
 @config_option
 def train_head(features, out, kind, **params):
-    """Train a linear head on cached FEATURES (multi-label files: one logistic head per class with
-    its own threshold), choosing the L2 strength on validation data."""
+    """Train a head on cached FEATURES, choosing its L2 strength (or k) on validation data
+    (multi-label files: one logistic head per class with its own threshold)."""
     from .train import train_head as train
 
-    params = {k: v for k, v in params.items() if v is not None}
+    params = {k: v for k, v in params.items() if v is not None and v is not False}  # unset options and flags
     if kind == "sklearn":
         params.pop("device", None)
     head, probe = train(features, out, kind, **params)
-    selection = probe.selection_
+    selection, name = probe.selection_, probe.parameter.label
+
+    def shown(value):
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
     if probe.grid_scores_:
         label = f"{'cv' if selection.method == 'cv' else 'val'} {probe.score_name}"
-        click.echo(f"strength    {label}")
-        sweep_stops = probe.stop_.get("sweep") or [None] * len(probe.grid_scores_)
-        for (strength, accuracy), stop in zip(probe.grid_scores_, sweep_stops):
+        click.echo(f"{name:<10}  {label}")
+        stops = getattr(probe, "stop_", {})  # the linear probes' optimisers only
+        sweep_stops = stops.get("sweep") or [None] * len(probe.grid_scores_)
+        for (value, score), stop in zip(probe.grid_scores_, sweep_stops):
             note = f"  (stopped: {stop})" if stop not in (None, "converged") else ""
-            mark = "  <- chosen" if strength == probe.best_strength_ else ""
-            click.echo(f"{strength:<10.3g}  {accuracy:.4f}{note}{mark}")
-        chosen = f"{label} {dict(probe.grid_scores_)[probe.best_strength_]:.4f}, {selection.describe()}"
+            mark = "  <- chosen" if value == probe.best_value_ else ""
+            click.echo(f"{shown(value):<10}  {score:.4f}{note}{mark}")
+        chosen = f"{label} {dict(probe.grid_scores_)[probe.best_value_]:.4f}, {selection.describe()}"
     else:
         chosen = selection.describe()
     what = f"{kind} multi-label" if head.kind == "multilabel" else kind
-    click.echo(f"{what} head: strength {probe.best_strength_:.3g} ({chosen}), "
+    click.echo(f"{what} head: {name} {shown(probe.best_value_)} ({chosen}), "
                f"trained in {probe.fit_seconds_:.2f} s -> {out}")
     for warning in probe.warnings_:
         click.echo(f"warning: {warning}", err=True)
@@ -198,6 +208,59 @@ def predict(inputs, head, topk, device, batch_size, json_path):
     if json_path:
         Path(ensure_parent(json_path)).write_text(json.dumps(predictions_json(predictions, head), indent=2))
         click.echo(f"predictions -> {json_path}")
+
+
+@main.command()
+@global_flags
+@click.argument("features", default=DEFAULT_FEATURES, type=click.Path(dir_okay=False))
+@click.option("--shots", default="1,2,5,10,20", show_default=True, type=IntList(1),
+              help="Training images per class to draw.")
+@click.option("--trials", default=5, show_default=True, type=click.IntRange(2, MAX_TRIALS),
+              help="Seeded draws per shot count (the 95% interval is over them).")
+@click.option("--heads", default="linear,knn", show_default=True, type=NameList(HEAD_TRAINERS),
+              help="Head kinds to fit on each draw.")
+@click.option("--seed", default=0, show_default=True, type=SEED)
+@device_option
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
+              help='Write {"shots", "trials", "<head>": {"mean", "ci95", "per_trial"}} as JSON.')
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
+              help="Draw the curves as a PNG (needs matplotlib: pip install 'pipe[plot]').")
+@config_option
+def fewshot(features, shots, trials, heads, seed, device, json_path, plot_path):
+    """Few-shot curves: test accuracy of each head against training images per class."""
+    from .fewshot import format_fewshot, plot_fewshot, run_fewshot
+    from .plotting import pyplot
+
+    if plot_path:
+        pyplot()  # before the work: the install hint comes at once
+    result = run_fewshot(features, shots, trials, heads, seed, device)
+    for line in result.skipped:
+        click.echo(f"warning: {line}", err=True)
+    click.echo(format_fewshot(result))
+    click.echo(f"{len(result.shots)} shot counts x {trials} trials x {len(heads)} heads in {result.seconds:.1f} s")
+    if json_path:
+        Path(ensure_parent(json_path)).write_text(json.dumps(result.to_dict(), indent=2))
+        click.echo(f"results -> {json_path}")
+    if plot_path:
+        click.echo(f"plot -> {plot_fewshot(result, ensure_parent(plot_path))}")
+
+
+@main.command()
+@global_flags
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the ranking as JSON.")
+@click.option("--markdown", is_flag=True, help="Print a Markdown table.")
+@click.option("--seed", default=0, show_default=True, type=SEED)
+@device_option
+def compare(files, json_path, markdown, seed, device):
+    """Rank feature files of the same images (backbones, layers, pooling) by test accuracy."""
+    from .compare import compare_features, comparison_json, format_comparison
+
+    contenders = compare_features(files, seed, device)
+    click.echo(format_comparison(contenders, markdown))
+    if json_path:
+        Path(ensure_parent(json_path)).write_text(json.dumps(comparison_json(contenders), indent=2))
+        click.echo(f"ranking -> {json_path}")
 
 
 @main.command()

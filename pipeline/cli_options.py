@@ -21,6 +21,8 @@ SEED = click.IntRange(0, 2**32 - 1)  # what numpy, torch and scikit-learn all ac
 MAX_WORKERS = 128  # DataLoader processes; more would only exhaust the machine
 MAX_IMAGE_SIZE = 4096
 MAX_LR = 10.0
+MAX_TRIALS = 1000  # seeded draws per shot count of pipe fewshot
+HEAD_TRAINERS = ("linear", "sklearn", "knn")  # pipeline.heads.make_probe's names
 
 
 class FiniteFloat(click.FloatRange):
@@ -71,6 +73,41 @@ class FloatList(click.ParamType):
         bounds = ([f"{'above' if self.positive else 'at least'} {self.minimum:g}"] if self.minimum is not None else []) \
             + ([f"at most {self.maximum:g}"] if self.maximum is not None else [])
         return "finite numbers" + (" " + " and ".join(bounds) if bounds else "")
+
+
+class IntList(FloatList):
+    """Comma-separated whole numbers of at least ``minimum`` (a :class:`FloatList` of integers)."""
+
+    name = "integers"
+
+    def __init__(self, minimum=1):
+        super().__init__(minimum=minimum)
+
+    def convert(self, value, param, ctx):
+        numbers = super().convert(value, param, ctx)
+        if not all(number.is_integer() for number in numbers):
+            self.fail(f"expected whole numbers, got {value!r}", param, ctx)
+        return tuple(int(number) for number in numbers)
+
+    def _wanted(self) -> str:
+        return f"whole numbers of at least {self.minimum}"
+
+
+class NameList(click.ParamType):
+    """Comma-separated names, each one of ``choices``, without repeats."""
+
+    name = "names"
+
+    def __init__(self, choices):
+        self.choices = tuple(choices)
+
+    def convert(self, value, param, ctx):
+        names = list(value) if isinstance(value, (list, tuple)) else [v.strip() for v in str(value).split(",") if v.strip()]
+        unknown = [name for name in names if name not in self.choices]
+        if not names or unknown or len(set(names)) < len(names):
+            self.fail(f"expected comma-separated names from {', '.join(self.choices)} without repeats, "
+                      f"got {value!r}", param, ctx)
+        return tuple(names)
 
 
 class Shard(click.ParamType):

@@ -19,7 +19,7 @@ from .devices import default_batch_size, default_workers, resolve_device
 from .errors import PipeError
 from .manifest import read_manifest
 from .scan import DEFAULT_SPLIT_FRACTIONS, display_path, scan_image_folder, split_warnings
-from .store import FEATURE_DTYPES, ExtractionCache, Rows, is_up_to_date
+from .store import FEATURE_DTYPES, ExtractionCache, Rows, extraction_record, is_up_to_date
 
 # torch is imported only once there is work to do: an up-to-date run stays fast
 if TYPE_CHECKING:
@@ -175,15 +175,19 @@ def extract_features(
         mine = group.shard(todo)
         workers = default_workers() // group.local_world_size if workers is None else workers
 
-        def run_my_share() -> list[tuple[str, str]]:
+        def run_my_share() -> tuple[list[tuple[str, str]], float]:
+            """This rank's failures and the seconds its extraction loop took."""
             if not mine:
-                return []
+                return [], 0.0
             on = group.device(target)
-            return _run(spec, on, lambda: FeatureExtractor(spec.build(), on, batch_size if compile else None),
-                        manifest.root, mine, rows, cache, batch_size, workers, checkpoint_every,
-                        progress and group.is_leader)
+            loop_started = time.perf_counter()
+            failures = _run(spec, on, lambda: FeatureExtractor(spec.build(), on, batch_size if compile else None),
+                            manifest.root, mine, rows, cache, batch_size, workers, checkpoint_every,
+                            progress and group.is_leader)
+            return failures, time.perf_counter() - loop_started
 
-        failed = [f for rank_failed in group.gather(run_my_share) for f in rank_failed]
+        shares = group.gather(run_my_share)
+        failed = [f for rank_failed, _ in shares for f in rank_failed]
         if strict and failed:
             path, reason = failed[0]
             raise PipeError(f"{len(failed)} image(s) could not be read (first: {path}: {reason}); "
@@ -195,6 +199,7 @@ def extract_features(
             "split_seed": seed, "split_fractions": list(split_fractions), "given_splits": manifest.given_splits,
             "request": request, **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {}),
             **({"manifest": str(Path(manifest_file).resolve())} if manifest_file is not None else {}),
+            "extraction": extraction_record(len(todo) - len(failed), sum(seconds for _, seconds in shares), target.type),
         }
         committed = group.leader_then_all(lambda: cache.commit(rows, labels, split, attrs, targets))
     finally:

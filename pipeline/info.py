@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .errors import PipeError
 from .heads import load_head
-from .store import is_feature_file, read_features
+from .store import images_per_second, is_feature_file, read_features
 
 
 def _describe_features(path: Path, show_failed: bool) -> list[str]:
@@ -20,12 +20,22 @@ def _describe_features(path: Path, show_failed: bool) -> list[str]:
         f"classes       {len(fs.classes)}: {', '.join(fs.classes)}"
         + (f" (multi-label: {fs.targets.sum() / max(len(fs), 1):.2f} labels per image)" if fs.multilabel else ""),
         f"fingerprint   {fs.fingerprint}",
+        f"extraction    {_extraction(fs.attrs)}",
         f"failed        {len(fs.failed_paths)} image(s)" + ("" if show_failed or not fs.failed_paths
                                                             else " (list them with --failed)"),
     ]
     if show_failed:
         lines += [f"  {p}: {e}" for p, e in zip(fs.failed_paths, fs.failed_errors)]
     return lines
+
+
+def _extraction(attrs: dict) -> str:
+    record = attrs.get("extraction")
+    if not record:
+        return "speed not recorded (file written before pipe recorded it)"
+    rate = images_per_second(attrs)
+    return f"{record['images']} images in {record['seconds']:.1f} s on {record['device']}" + \
+        (f" ({rate:.1f} img/s)" if rate else "")
 
 
 def _describe_head(path: Path) -> list[str]:

@@ -1,4 +1,5 @@
-"""Stage 2: train a head on a cached feature file (linear, or multi-label for a multi-label file)."""
+"""Stage 2: train a head (linear, scikit-learn or kNN; multi-label for a multi-label file) on a
+cached feature file."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from contextlib import nullcontext
 import numpy as np
 
 from .errors import PipeError
-from .heads import LinearHead, MultilabelProbe, RowSubset, make_probe
-from .store import feature_matrix, read_features
+from .heads import Head, MultilabelProbe, RowSubset, make_probe
+from .store import FeatureSet, feature_matrix, read_features
 
 
 def feature_source(features) -> dict:
@@ -18,10 +19,11 @@ def feature_source(features) -> dict:
 
 
 def train_head(features_path, out="cache/head.pt", kind: str = "linear", **params):
-    """Train a ``kind`` head ("linear" or "sklearn") on the train split of a feature file,
-    choosing the L2 strength on ``val`` (or a hold-out of train), and save it to ``out``.
+    """Train a ``kind`` head ("linear", "sklearn" or "knn") on the train split of a feature
+    file, choosing its parameter (L2 strength, k) on ``val`` or splits of train + val
+    (:mod:`pipeline.heads.selection`), and save it to ``out``.
 
-    ``params`` go to the probe (grid, balanced, seed, device, max_iter, ...). Returns
+    ``params`` go to the probe (grid, balanced, seed, device, max_iter, ...; k, temperature). Returns
     ``(head, probe)``; the probe holds the grid scores and timing. With ``batch_size`` set
     the linear head trains on mini-batches read from the file as it goes, so the features
     never need to fit in memory. A multi-label file gets a multi-label head
@@ -31,22 +33,34 @@ def train_head(features_path, out="cache/head.pt", kind: str = "linear", **param
     features = read_features(features_path, with_features=not streamed)
     if features.multilabel:
         return train_multilabel_head(features, out, kind, **params)
+    with feature_matrix(features.path) if streamed else nullcontext(features.features) as matrix:
+        head, probe = fit_head(features, kind, matrix, **params)
+    head.save(out)
+    return head, probe
+
+
+def fit_head(features: FeatureSet, kind: str = "linear", matrix=None, **params) -> tuple[Head, object]:
+    """Fit a ``kind`` head on the train split (and val, when it has images) of single-label
+    ``features`` without saving it; returns ``(head, probe)``. ``matrix`` is the feature matrix
+    to read rows from (default ``features.features``; an ``h5py.Dataset`` for the streamed
+    linear head)."""
+    if features.multilabel:
+        raise PipeError(f"{features.path} is multi-label; this needs a single-label feature file "
+                        "(pipe train-head trains multi-label heads)")
     present = np.unique(features.labels[features.row_indices("train")])
     if len(present) < 2:
         raise PipeError(f"train-head needs at least 2 classes in the train split of {features.path}, "
                         f"found {len(present)} ({', '.join(features.classes[i] for i in present)})")
-    with feature_matrix(features.path) if streamed else nullcontext(features.features) as matrix:
+    matrix = features.features if matrix is None else matrix
 
-        def split_rows(split):
-            rows = features.row_indices(split)
-            return (RowSubset(matrix, rows) if streamed else matrix[rows]), features.labels[rows]
+    def split_rows(split):
+        rows = features.row_indices(split)
+        return (matrix[rows] if isinstance(matrix, np.ndarray) else RowSubset(matrix, rows)), features.labels[rows]
 
-        X_train, y_train = split_rows("train")
-        X_val, y_val = split_rows("val") if features.split_counts()["val"] else (None, None)
-        probe = make_probe(kind, **params).fit(X_train, y_train, X_val, y_val)
-    head: LinearHead = probe.to_head(features.classes, features.fingerprint, feature_source(features))
-    head.save(out)
-    return head, probe
+    X_train, y_train = split_rows("train")
+    X_val, y_val = split_rows("val") if features.split_counts()["val"] else (None, None)
+    probe = make_probe(kind, **params).fit(X_train, y_train, X_val, y_val)
+    return probe.to_head(features.classes, features.fingerprint, feature_source(features)), probe
 
 
 MULTILABEL_OPTIONS = ("grid", "selection", "seed", "device", "max_iter", "tol")

@@ -109,6 +109,8 @@ def test_extract_is_incremental(extracted, run_cli):
     assert (int(extracted_n), int(reused), int(skipped)) == (1, 24, 0)
     with h5py.File(out, "r") as f:
         assert "green/new.png" in f["paths"].asstr()[:].tolist()
+        # the speed recorded counts the images of both runs, each extracted once
+        assert json.loads(f.attrs["extraction"])["images"] == 25
 
 
 def test_extract_progress_bar_is_silenced_by_quiet(extracted, run_cli):
@@ -356,6 +358,7 @@ def test_info_on_a_feature_file(ws, run_cli):
     assert ", ".join(sorted(COLOURS)) in text
     assert re.search(r"failed\s+1 image", text) and "--failed" in text
     assert "zz_broken" not in text  # listed only on request
+    assert re.search(rf"extraction\s+{n} images in [\d.]+ s on cpu \([\d.]+ img/s\)", text)
 
 
 def test_info_failed_lists_unreadable_files(ws, run_cli):

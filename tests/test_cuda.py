@@ -114,3 +114,16 @@ def test_predict_on_cuda_agrees_with_cpu(cpu_features, run_cli, tmp_path):
     for path in cpu:
         assert gpu[path][0][0] == cpu[path][0][0], path
         assert dict(gpu[path]) == pytest.approx(dict(cpu[path]), abs=0.02)
+
+
+def test_knn_head_on_cuda_matches_cpu():
+    from pipeline.heads import KNNProbe
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 32)).astype(np.float32) + np.repeat(rng.normal(0, 2, (3, 32)), 100, axis=0)
+    y = np.repeat(np.arange(3), 100)
+    probes = {device: KNNProbe(k=[5, 20], device=device).fit(X[::2], y[::2]) for device in ("cpu", "cuda")}
+    scores = {device: [score for _, score in probe.grid_scores_] for device, probe in probes.items()}
+    np.testing.assert_allclose(scores["cuda"], scores["cpu"], atol=1e-6)
+    heads = {device: probe.to_head(["a", "b", "c"], "fp", {}) for device, probe in probes.items()}
+    np.testing.assert_allclose(heads["cuda"].predict_proba(X[1::2]), heads["cpu"].predict_proba(X[1::2]), atol=1e-4)

@@ -62,6 +62,8 @@ def base_arguments(command, tiny, out: Path) -> list:
         "info": [features],
         "models": [],
         "export": ["--format", "torchscript", "--head", head, "--out", out / "m.pt"],
+        "fewshot": [features, "--shots", "1,2", "--trials", 2, "--json", out / "f.json"],
+        "compare": [features, features],
     }.get(command, [])
 
 

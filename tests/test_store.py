@@ -77,7 +77,7 @@ def test_paths_are_relative_utf8_and_labels_match_folders(extracted):
 # the attributes the README lists under "File formats"; `shard` only in files made with --shard
 DOCUMENTED_ATTRIBUTES = {"schema_version", "classes", "model", "weights", "weights_id", "feature_dim", "transform",
                          "identity", "fingerprint", "dtype", "split_seed", "split_fractions", "given_splits",
-                         "data_root", "pipe_version", "request"}
+                         "data_root", "pipe_version", "request", "extraction"}
 
 
 def test_feature_file_attributes(extracted):
@@ -105,6 +105,8 @@ def test_feature_file_attributes(extracted):
     assert not attrs["given_splits"]
     assert attrs["data_root"] == str(data.resolve())
     assert attrs["pipe_version"] == pipeline.__version__
+    extraction = json.loads(attrs["extraction"])
+    assert extraction["images"] == len(f["paths"]) and extraction["seconds"] > 0 and extraction["device"] == "cpu"
     request = json.loads(attrs["request"])
     assert {k: request[k] for k in ("model", "weights", "image_size", "dtype")} == {
         "model": "resnet18", "weights": "none", "image_size": 32, "dtype": "float16"}

@@ -88,6 +88,27 @@ def check_split(X, y, name):
     return y.astype(np.int64)
 
 
+def training_parts(X_train, y_train, X_val=None, y_val=None):
+    """The parts a head learns from, ``[("train", X, y)]`` plus ``("val", X, y)`` when given,
+    checked once for every trainer: shapes, labels, at least 2 classes in train, no class in
+    val that train lacks. Returns the parts and the sorted class indices present in train."""
+    y_train = check_split(X_train, y_train, "train")
+    if (X_val is None) != (y_val is None):
+        raise PipeError("give both validation features and labels, or neither")
+    parts = [("train", X_train, y_train)]
+    if X_val is not None:
+        parts.append(("val", X_val, check_split(X_val, y_val, "val")))
+        if X_val.shape[1] != X_train.shape[1]:
+            raise PipeError(f"train features have {X_train.shape[1]} dimensions but val has {X_val.shape[1]}")
+    classes = np.unique(y_train)
+    if len(classes) < 2:
+        raise PipeError(f"train-head needs at least 2 classes in the train split, found {len(classes)}")
+    unseen = np.setdiff1d(np.unique(parts[-1][2]), classes)
+    if len(unseen):
+        raise PipeError(f"classes {unseen.tolist()} appear in val but not in train; add train images")
+    return parts, classes
+
+
 def feature_stats(parts, prior_rows=VARIANCE_PRIOR_ROWS):
     """Per-dimension mean and std over all rows of ``parts``; rejects NaN/inf features.
 

@@ -28,7 +28,7 @@ from pipeline.heads.lbfgs import CONVERGED, MAX_ITER
 from pipeline.heads.logistic import fit_logistic, start_params
 from pipeline.heads.multinomial import FeatureSpectrum, threads_for
 from pipeline.heads.probes import sklearn_logistic, strength_grid
-from pipeline.heads.selection import DEFAULT_STRENGTH, merge_records, plan_selection, split_parts
+from pipeline.heads.selection import DEFAULT_STRENGTH, STRENGTH, merge_records, plan_selection, split_parts
 from pipeline.metrics import average_precisions
 from pipeline.scan import split_strata
 
@@ -117,6 +117,7 @@ class MultilabelProbe:
     ``fit_seconds_`` (all of it).
     """
 
+    parameter = STRENGTH
     score_name = "mAP"
 
     def __init__(self, *, trainer="linear", grid=None, seed=0, device="auto", max_iter=None, tol=1e-4,
@@ -127,6 +128,11 @@ class MultilabelProbe:
         self.class_names = class_names  # for warnings only
         self.max_iter = max_iter or (100 if trainer == "linear" else 1000)
         self.tol, self.standardize, self.selection = tol, standardize, selection
+
+    @property
+    def best_value_(self):
+        """The chosen strength, under the name every trainer shares."""
+        return self.best_strength_
 
     def fit(self, X_train, Y_train, X_val=None, Y_val=None):
         """Train on features ``X_train`` (N, D) and multi-hot ``Y_train`` (N, C), choosing

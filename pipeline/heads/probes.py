@@ -29,13 +29,16 @@ from sklearn.linear_model import LogisticRegression
 from pipeline.devices import resolve_device
 from pipeline.errors import PipeError
 from pipeline.heads.features import (
-    CHUNK_ROWS, check_split, class_weights, feature_stats, parts_accuracies, row_chunks, standardize,
-    standardized_parts,
+    CHUNK_ROWS, class_weights, feature_stats, parts_accuracies, row_chunks, standardize, standardized_parts,
+    training_parts,
 )
 from pipeline.heads.head_file import LinearHead
+from pipeline.heads.knn import KNNProbe
 from pipeline.heads.lbfgs import CONVERGED, LINE_SEARCH, MAX_ITER
 from pipeline.heads.multinomial import FeatureSpectrum, fit_multinomial, threads_for
-from pipeline.heads.selection import DEFAULT_STRENGTH, merge_records, plan_selection, split_parts
+from pipeline.heads.selection import (
+    SCORED_ON, STRENGTH, chance_warning, default_warning, merge_records, plan_selection, score_splits,
+)
 
 DEFAULT_GRID = tuple(float(s) for s in np.logspace(-6, 0, 16))
 MAX_STRENGTH = 1e6  # far past any useful strength (every weight ~0); float32 still holds its square
@@ -71,6 +74,7 @@ class _SweepProbe:
     """
 
     trainer = ""
+    parameter = STRENGTH
     score_name = "accuracy"  # what grid_scores_ hold
 
     def __init__(self, *, grid, balanced, seed, max_iter, tol, standardize, selection):
@@ -96,25 +100,10 @@ class _SweepProbe:
         """
         started = time.perf_counter()
         self.grid_ = strength_grid(self.grid)
-        y_train = check_split(X_train, y_train, "train")
-        if (X_val is None) != (y_val is None):
-            raise PipeError("give both validation features and labels, or neither")
-        parts = [("train", X_train, y_train)]
-        if X_val is not None:
-            parts.append(("val", X_val, check_split(X_val, y_val, "val")))
-            if X_val.shape[1] != X_train.shape[1]:
-                raise PipeError(f"train features have {X_train.shape[1]} dimensions but val has {X_val.shape[1]}")
-        self.classes_ = np.unique(y_train)
-        if len(self.classes_) < 2:
-            raise PipeError(
-                f"train-head needs at least 2 classes in the train split, found {len(self.classes_)}"
-            )
-        unseen = np.setdiff1d(np.unique(parts[-1][2]), self.classes_)
-        if len(unseen):
-            raise PipeError(f"classes {unseen.tolist()} appear in val but not in train; add train images")
+        parts, self.classes_ = training_parts(X_train, y_train, X_val, y_val)
         mean, std = feature_stats(parts)  # also the finiteness check, so always computed
         self.mean_, self.std_ = (mean, std) if self.standardize else (None, None)
-        self.n_train_, self.n_val_ = len(y_train), sum(len(labels) for _, _, labels in parts[1:])
+        self.n_train_, self.n_val_ = len(parts[0][2]), sum(len(labels) for _, _, labels in parts[1:])
         self.selection_, splits = plan_selection([labels for _, _, labels in parts], len(self.grid_),
                                                  mode=self.selection, seed=self.seed)
         if self.selection_.method == "holdout":  # as before there was cross-validation: rows fitted / scored
@@ -122,25 +111,23 @@ class _SweepProbe:
         self.n_iter_, self.stop_, self.grid_scores_, self.warnings_ = {}, {}, [], []
         init, epochs, self.chance_ = None, None, None
         if splits:
-            scores, records, chances = [], [], []
-            for mask in splits:
-                fit_parts, score_parts = split_parts(parts, mask)
+            def score_split(fit_parts, score_parts):
                 weights, biases, record = self._fit_grid(fit_parts, score_parts)
-                scores.append(parts_accuracies(weights, biases, score_parts, self.classes_, self.mean_, self.std_))
-                records.append(record)
-                scored = np.concatenate([labels for _, _, labels in score_parts])
-                chances.append(np.bincount(scored).max() / len(scored))
-            scores, self.chance_ = np.mean(scores, axis=0), float(np.mean(chances))
+                return parts_accuracies(weights, biases, score_parts, self.classes_, self.mean_, self.std_), \
+                    (weights, biases, record)
+
+            scores, self.chance_, fits = score_splits(parts, splits, score_split)
             # ties go to the strongest penalty, the simplest model
             best = max(range(len(scores)), key=lambda k: (scores[k], self.grid_[k]))
             self.grid_scores_ = [(s, float(a)) for s, a in zip(self.grid_, scores)]
             self.best_strength_ = self.grid_[best]
-            self._record_sweep(records)
+            self._record_sweep([record for _, _, record in fits])
             epochs = self.n_iter_.get("sweep_epochs", [None] * len(self.grid_))[best]
             if len(splits) == 1:  # the refit starts from the split's solution
+                weights, biases, _ = fits[0]
                 init = (weights[best], biases[best])
         else:  # one strength: nothing to choose; too few images: nothing can be chosen
-            self.best_strength_ = self.grid_[0] if self.selection_.method == "given" else DEFAULT_STRENGTH
+            self.best_strength_ = self.grid_[0] if self.selection_.method == "given" else STRENGTH.default
         self.weight_, self.bias_, refit = self._fit_one(parts, self.best_strength_, init, epochs)
         for key, value in (("refit", refit["n_iter"]), ("refit_epochs", refit["epochs"])):
             if value is not None:
@@ -152,6 +139,11 @@ class _SweepProbe:
         self._check(parts, refit)
         self.fit_seconds_ = time.perf_counter() - started
         return self
+
+    @property
+    def best_value_(self):
+        """The chosen strength, under the name every trainer shares."""
+        return self.best_strength_
 
     def _record_sweep(self, records):
         """Write the splits' fit records into ``n_iter_`` and ``stop_`` (and the mean best
@@ -172,7 +164,7 @@ class _SweepProbe:
         """Fill ``warnings_``: what a user must know before trusting the head."""
         method = self.selection_.method
         if method == "default":
-            self.warnings_.append(f"too few images to choose the L2 strength ({self.selection_.reason})")
+            self.warnings_.append(default_warning(self.selection_, STRENGTH))
         if refit["stop"] not in (None, CONVERGED):
             why = (f"reached --max-iter ({self.max_iter}) first" if refit["stop"] == MAX_ITER
                    else "its line search failed (the loss would not decrease)")
@@ -180,15 +172,15 @@ class _SweepProbe:
                                   "its weights are the last accepted step")
         if self.grid_scores_:
             accuracy = dict(self.grid_scores_)[self.best_strength_]
-            where = {"val": "val", "holdout": "hold-out", "cv": "cross-validation"}[method]
+            where = SCORED_ON[method]
         else:  # no selection scores: the head on the rows it was fitted on
             head_weights, head_biases = self.weight_[None], self.bias_[None]
             accuracy = float(parts_accuracies(head_weights, head_biases, parts, self.classes_, self.mean_, self.std_)[0])
             labels = np.concatenate([labels for _, _, labels in parts])
             self.chance_, where = float(np.bincount(labels).max() / len(labels)), "its own training images"
-        if accuracy <= self.chance_ + 1e-9:
-            self.warnings_.append(f"the head is at chance level: accuracy {accuracy:.3f} on {where}, the same as "
-                                  f"always answering the most frequent class ({self.chance_:.3f})")
+        warning = chance_warning(accuracy, self.chance_, where)
+        if warning:
+            self.warnings_.append(warning)
 
     def to_head(self, classes, fingerprint, source):
         """The fitted model as a :class:`LinearHead` over ``classes`` (all class names).
@@ -202,6 +194,7 @@ class _SweepProbe:
         weight[self.classes_], bias[self.classes_] = self.weight_, self.bias_
         training = {
             "trainer": self.trainer,
+            "parameter": self.parameter.label,
             "strength": self.best_strength_,
             "grid_scores": [list(pair) for pair in self.grid_scores_],
             "seconds": round(self.fit_seconds_, 3),
@@ -427,10 +420,11 @@ def sklearn_logistic(X, y, C, *, max_iter, tol, class_weight=None):
 
 
 PROBES = {"linear": LinearProbe, "sklearn": SklearnProbe}
+PROBES = {"linear": LinearProbe, "sklearn": SklearnProbe, "knn": KNNProbe}
 
 
 def make_probe(kind, **params):
-    """Build the trainer named ``kind`` ("linear" or "sklearn") with its parameters."""
+    """Build the trainer named ``kind`` ("linear", "sklearn" or "knn": :mod:`.knn`) with its parameters."""
     if kind not in PROBES:
         raise PipeError(f"unknown head trainer {kind!r}; choose one of {', '.join(PROBES)}")
     accepted = inspect.signature(PROBES[kind]).parameters

@@ -1,19 +1,21 @@
-"""How a probe's L2 strength is chosen: on the validation split, on a hold-out, by k-fold
-cross-validation, or not at all (a documented default).
+"""How a head's hyper-parameter (the linear probe's L2 strength, the kNN head's k) is chosen:
+on the validation split, on a hold-out, by k-fold cross-validation, or not at all (a
+documented default). Every head kind uses the same rules; a :class:`Parameter` names what is
+being chosen, for the messages.
 
 The rows a probe may learn from (train, plus val when given) form the *pool*. A selection is
 a list of *splits* of the pool, each a boolean mask of the rows to score on (the rest are fitted
-on); the whole strength grid is fitted on each split's fit rows at once, and the grid scores are
-the mean accuracy over splits. With ``mode="auto"``:
+on); the whole grid of candidate values is scored on each split at once, and the grid scores
+are the mean accuracy over splits (:func:`score_splits`). With ``mode="auto"``:
 
-1. one strength given: nothing to choose (``"given"``), a single fit on the pool;
+1. one value given: nothing to choose (``"given"``), a single fit on the pool;
 2. a validation split of at least ``min_rows`` images: select on it (``"val"``);
 3. else a seeded, stratified ``HOLDOUT_FRACTION`` of the pool, if that holds at least
    ``min_rows`` images (``"holdout"``);
 4. else stratified k-fold cross-validation over the pool, k = min(``MAX_FOLDS``, smallest
    class count) (``"cv"``);
-5. else (a class with a single image) nothing can be chosen: ``DEFAULT_STRENGTH`` is fitted
-   (``"default"``).
+5. else (a class with a single image) nothing can be chosen: the parameter's default is fitted
+   (``"default"``; ``DEFAULT_STRENGTH`` for the linear probe).
 
 ``mode="val"`` is 1-2, else a hold-out of the pool (step 3 whatever its size); ``mode="cv"``
 skips 2 and 3.
@@ -49,9 +51,24 @@ MIN_SELECTION_ROWS = 1000
 DEFAULT_STRENGTH = 1.0
 
 
+@dataclass(frozen=True)
+class Parameter:
+    """What a selection chooses: its ``name`` in messages, its short ``label`` (table headers,
+    ``training["parameter"]``), the command-line ``option`` that gives its candidates, and the
+    ``default`` fitted when nothing can be chosen."""
+
+    name: str
+    label: str
+    option: str
+    default: float
+
+
+STRENGTH = Parameter("L2 strength", "strength", "--grid", DEFAULT_STRENGTH)
+
+
 @dataclass
 class Selection:
-    """How the strength was chosen (what ``training["selection"]`` records).
+    """How the parameter was chosen (what ``training["selection"]`` records).
 
     ``method`` is one of "given", "val", "holdout", "cv", "default"; ``folds`` the number of
     splits scored (0 for "given" and "default"); ``n_fit``/``n_score`` the rows fitted and
@@ -72,7 +89,7 @@ class Selection:
         return asdict(self)
 
     def describe(self) -> str:
-        """A phrase for the CLI: how the strength was chosen (``reason`` says why)."""
+        """A phrase for the CLI: how the parameter was chosen (``reason`` says why)."""
         return {
             "given": "the only one given, fitted on train + val",
             "val": f"chosen on the val split ({self.n_score} images)",
@@ -82,8 +99,8 @@ class Selection:
         }[self.method]
 
 
-def plan_selection(labels, n_strengths, *, mode="auto", seed=0, min_rows=MIN_SELECTION_ROWS):
-    """Decide how to choose among ``n_strengths`` strengths.
+def plan_selection(labels, n_candidates, *, mode="auto", seed=0, min_rows=MIN_SELECTION_ROWS, parameter=STRENGTH):
+    """Decide how to choose among ``n_candidates`` values of ``parameter``.
 
     ``labels`` lists each pool part's labels, train first, then val when given. Returns the
     :class:`Selection` and its splits: boolean masks over the pool's rows (parts in order),
@@ -101,7 +118,7 @@ def plan_selection(labels, n_strengths, *, mode="auto", seed=0, min_rows=MIN_SEL
         return Selection(method, len(splits), len(splits) * n_pool - n_score, n_score, n_pool, smallest,
                          reason), splits
 
-    if n_strengths == 1:
+    if n_candidates == 1:
         return selection("given", [], "")
     if mode != "cv" and n_val and (n_val >= min_rows or mode == "val"):
         return selection("val", [np.arange(n_pool) >= n_pool - n_val], "")
@@ -109,7 +126,7 @@ def plan_selection(labels, n_strengths, *, mode="auto", seed=0, min_rows=MIN_SEL
     if mode == "val" or (mode == "auto" and held.sum() >= min_rows):
         if not held.any():
             raise PipeError(f"train + val have {n_pool} images, too few to hold any out for choosing the "
-                            "strength; give one --grid value or add images")
+                            f"{parameter.name}; give one {parameter.option} value or add images")
         small = f"val has {n_val} images, fewer than {min_rows}" if n_val else "no val split"
         return selection("holdout", [held], small if mode == "auto" else "")
     if smallest >= 2:
@@ -119,8 +136,45 @@ def plan_selection(labels, n_strengths, *, mode="auto", seed=0, min_rows=MIN_SEL
         why = (f"val has {n_val} images" if n_val else "no val split") + \
             (f" and a hold-out would have {held.sum()}, fewer than {min_rows}" if mode == "auto" else "")
         return selection("cv", masks, why)
-    return selection("default", [], f"a class has a single image in train + val, so strength "
-                                    f"{DEFAULT_STRENGTH:g} is fitted on every image")
+    return selection("default", [], f"a class has a single image in train + val, so {parameter.name} "
+                                    f"{parameter.default:g} is fitted on every image")
+
+
+def score_splits(parts, splits, score_split):
+    """Score every candidate value on each split of ``parts`` ``[(name, X, y), ...]``.
+
+    ``score_split(fit_parts, score_parts)`` fits on one split's fit rows and returns the
+    accuracies (K,) of the K candidates on its scored rows, and anything else the caller
+    wants back. Returns the mean accuracies over the splits, the chance accuracy (always
+    answering the most frequent class of the scored rows, mean over splits) and the extras
+    in split order.
+    """
+    scores, chances, extras = [], [], []
+    for mask in splits:
+        fit_parts, score_parts = split_parts(parts, mask)
+        accuracy, extra = score_split(fit_parts, score_parts)
+        scores.append(accuracy)
+        extras.append(extra)
+        scored = np.concatenate([labels for _, _, labels in score_parts])
+        chances.append(np.bincount(scored).max() / len(scored))
+    return np.mean(scores, axis=0), float(np.mean(chances)), extras
+
+
+def chance_warning(accuracy, chance, where):
+    """The warning for a head no better than always answering the most frequent class
+    (``chance``) on ``where``, or None."""
+    if accuracy > chance + 1e-9:
+        return None
+    return (f"the head is at chance level: accuracy {accuracy:.3f} on {where}, the same as "
+            f"always answering the most frequent class ({chance:.3f})")
+
+
+def default_warning(selection, parameter):
+    """The warning for a parameter fitted at its default because nothing could be chosen."""
+    return f"too few images to choose the {parameter.name} ({selection.reason})"
+
+
+SCORED_ON = {"val": "val", "holdout": "hold-out", "cv": "cross-validation"}  # where a selection's scores come from
 
 
 def _holdout_mask(pool, seed):

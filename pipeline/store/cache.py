@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PipeError
-from .feature_file import FeatureSet, FileRows, Key, Rows, read_features, write_feature_file
+from .feature_file import FeatureSet, FileRows, Key, Rows, combine_extraction, read_features, write_feature_file
 from .files import lock_output
 from .parts import PartsFolder, PartsIndex
 
@@ -159,6 +159,8 @@ class ExtractionCache:
             self.parts.remove()  # the parts can then only hold retried failures
             result.written = False
             return result
+        if old is not None:  # its rows are reused: their extraction counts too
+            attrs = {**attrs, "extraction": combine_extraction([old.attrs.get("extraction"), attrs.get("extraction")])}
         try:
             write_feature_file(self.out, new, sources, attrs, self.dtype)
         except OSError as exc:

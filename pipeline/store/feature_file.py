@@ -119,7 +119,7 @@ def read_features(path, with_features: bool = True) -> FeatureSet:
                 raise PipeError(f"{path} has feature schema {f.attrs['schema_version']}, this pipe reads "
                                 f"{SCHEMA_VERSION}; re-run pipe extract with --overwrite")
             attrs = {k: _attr(f, k) for k in f.attrs}
-            for key in ("classes", "transform", "identity", "request"):
+            for key in ("classes", "transform", "identity", "request", "extraction"):
                 if key in attrs:
                     attrs[key] = json.loads(attrs[key])
             failed = f["failed"]
@@ -150,6 +150,30 @@ def feature_matrix(path):
     for heads trained on features larger than memory."""
     with h5py.File(path, "r") as f:
         yield f["features"]
+
+
+def extraction_record(images: int, seconds: float, device: str) -> dict | None:
+    """The ``extraction`` attribute: ``images`` run through the backbone in ``seconds`` of
+    extraction loop (decode + forward, summed over processes) on ``device`` ("cpu", "cuda";
+    "cpu+cuda" after runs on both). None when no image was extracted."""
+    return {"images": images, "seconds": round(seconds, 3), "device": device} if images else None
+
+
+def combine_extraction(records) -> dict | None:
+    """One ``extraction`` record for a file whose images several runs or shards extracted:
+    images and seconds summed, devices joined (None when none of them was recorded)."""
+    records = [r for r in records if r]
+    if not records:
+        return None
+    devices = "+".join(sorted({d for r in records for d in r["device"].split("+")}))
+    return extraction_record(sum(r["images"] for r in records), sum(r["seconds"] for r in records), devices)
+
+
+def images_per_second(attrs: dict) -> float | None:
+    """Extraction throughput recorded in a feature file's attributes; None for files written
+    before it was recorded."""
+    record = attrs.get("extraction")
+    return record["images"] / record["seconds"] if record and record["seconds"] > 0 else None
 
 
 def write_strings(group, name: str, values) -> None:
@@ -243,7 +267,8 @@ def _write_rows(f: h5py.File, new: FileRows, sources, attrs: dict, dtype: str, n
     f.attrs["schema_version"] = SCHEMA_VERSION
     f.attrs["feature_dim"] = dim
     for key, value in attrs.items():
-        f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
+        if value is not None:  # e.g. no extraction record: the attribute is absent
+            f.attrs[key] = json.dumps(value) if isinstance(value, (dict, list)) else value
 
 
 def is_feature_file(path) -> bool:
@@ -282,7 +307,11 @@ def merge_feature_files(inputs, out, overwrite: bool = False) -> FeatureSet:
     new = FileRows([p for p, _, _ in rows], pick("size"), pick("mtime_ns"), pick("labels"), pick("split").astype(str),
                    first.classes, [p for p, _ in failed], [e for _, e in failed],
                    targets=pick("targets").reshape(len(rows), len(first.classes)) if first.multilabel else None)
-    attrs = {k: v for k, v in first.attrs.items() if k not in ("schema_version", "feature_dim", "shard", "task")}
+    attrs = {k: v for k, v in first.attrs.items()
+             if k not in ("schema_version", "feature_dim", "shard", "task", "extraction")}
+    extraction = combine_extraction(s.attrs.get("extraction") for s in shards)
+    if extraction:
+        attrs["extraction"] = extraction
     fd = lock_output(out)
     try:
         write_feature_file(out, new, [(shards[i].path, row) for _, i, row in rows], attrs, first.attrs["dtype"])
