@@ -113,14 +113,22 @@ def plan_selection(labels, n_strengths, *, mode="auto", seed=0, min_rows=MIN_SEL
         small = f"val has {n_val} images, fewer than {min_rows}" if n_val else "no val split"
         return selection("holdout", [held], small if mode == "auto" else "")
     if smallest >= 2:
-        k = min(MAX_FOLDS, smallest)
-        folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(n_pool), pool)
-        masks = [np.isin(np.arange(n_pool), scored) for _, scored in folds]
+        masks = kfold_masks(pool, seed)
         why = (f"val has {n_val} images" if n_val else "no val split") + \
             (f" and a hold-out would have {held.sum()}, fewer than {min_rows}" if mode == "auto" else "")
         return selection("cv", masks, why)
     return selection("default", [], f"a class has a single image in train + val, so strength "
                                     f"{DEFAULT_STRENGTH:g} is fitted on every image")
+
+
+def kfold_masks(pool, seed=0):
+    """Seeded stratified k-fold over ``pool`` (labels), k = min(``MAX_FOLDS``, smallest class
+    count): one boolean mask per fold, True where a row is scored. Every class needs at least
+    2 rows."""
+    counts = np.bincount(pool)
+    k = min(MAX_FOLDS, int(counts[counts > 0].min()))
+    folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(pool)), pool)
+    return [np.isin(np.arange(len(pool)), scored) for _, scored in folds]
 
 
 def _holdout_mask(pool, seed):
