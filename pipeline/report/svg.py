@@ -152,10 +152,12 @@ def line_plot(xs, ys, chosen, x_label, y_label, log_x, width=560, height=300) ->
     for x, y in zip(xs, ys):
         body.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" fill="#1f77b4">'
                     f'<title>{text(x_label)} {x:.3g}: {y:.4f}</title></circle>')
-        if x == chosen:
+        if x == chosen:  # its label above the point, or below it at the top of the plot
+            label_y = py(y) - 12 if py(y) - 12 > top + 10 else py(y) + 22
+            anchor = "end" if px(x) > left + plot_w - 40 else "start" if px(x) < left + 40 else "middle"
             body.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="8" fill="none" stroke="#d62728" '
-                        f'stroke-width="2"/><text x="{px(x):.1f}" y="{py(y) - 12:.1f}" text-anchor="middle" '
-                        f'fill="#d62728">chosen {x:.3g}</text>')
+                        f'stroke-width="2"/><text x="{px(x):.1f}" y="{label_y:.1f}" text-anchor="{anchor}" '
+                        f'fill="#d62728" font-weight="bold">chosen {x:.3g}</text>')
     return _svg(width, height, body, f"{y_label} against {x_label}")
 
 
