@@ -193,10 +193,10 @@ def report(features, head, split, out, seed):
 @config_option
 def predict(inputs, head, topk, device, batch_size, json_path):
     """Classify images (files or folders) with a trained head and its backbone."""
-    from .heads import LinearHead
+    from .heads import load_head
     from .predict import predict_images, predictions_json
 
-    head = LinearHead.load(head)
+    head = load_head(head)
     predictions = predict_images(head, inputs, topk, device, batch_size)
     for p in predictions:
         if p.error:
@@ -219,7 +219,7 @@ def predict(inputs, head, topk, device, batch_size, json_path):
 def export(head, fmt, out, opset):
     """Write backbone + head as one ONNX or TorchScript file: uint8 images in, probabilities out."""
     from .export import export_head, require_onnx
-    from .heads import LinearHead
+    from .heads import load_head
 
     if fmt is None:  # checked here: click's own message for a missing choice spans several lines
         raise click.UsageError("--format is required: onnx or torchscript")
@@ -227,7 +227,7 @@ def export(head, fmt, out, opset):
         raise click.UsageError("--opset applies to --format onnx only")
     if fmt == "onnx":
         require_onnx()  # before loading anything: the install hint comes at once
-    result = export_head(LinearHead.load(head), fmt, out, opset)
+    result = export_head(load_head(head), fmt, out, opset)
     t = result.metadata["transform"]
     checked = ("not checked (onnxruntime is not installed)" if result.max_difference is None
                else f"checked: max |Δp| {result.max_difference:.1e} against pipe's model")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .errors import PipeError
-from .heads import LinearHead
+from .heads import load_head
 from .metrics import bootstrap_intervals, classification_report
 from .store import read_features
 
@@ -11,7 +11,7 @@ from .store import read_features
 def load_matching_head(head_path, features):
     """The head at ``head_path``, checked against ``features`` (a read feature file): it must
     have been trained on features with the same fingerprint and classes."""
-    head = LinearHead.load(head_path)
+    head = load_head(head_path)
     head.check_fingerprint(features.fingerprint)
     if head.classes != features.classes:
         raise PipeError(f"head {head_path} knows classes {head.classes} but {features.path} has "

@@ -40,7 +40,7 @@ from torch import nn
 
 from . import __version__
 from .errors import PipeError
-from .heads import LinearHead
+from .heads import Head, LinearHead
 
 FORMATS = ("onnx", "torchscript")
 EXPORT_FORMAT = "pipe-export"
@@ -100,15 +100,10 @@ def _linear_tail(head) -> nn.Module:
 HEAD_TAILS: dict[str, Callable[[object], nn.Module]] = {"linear": _linear_tail}
 
 
-def head_kind(head) -> str:
-    """The head's kind; head files from before kinds existed are linear."""
-    return getattr(head, "kind", None) or "linear"
-
-
 def head_tail(head) -> nn.Module:
     """The module mapping backbone features to the exported output, for the head's kind;
     PipeError naming the kind when it cannot be exported."""
-    kind = head_kind(head)
+    kind = head.kind
     if kind not in HEAD_TAILS:
         raise PipeError(f"head {head.path or '(unsaved)'} is a {kind} head; pipe export handles "
                         f"{', '.join(HEAD_TAILS)} heads")
@@ -128,7 +123,7 @@ class DeployedModel(nn.Module):
         return self.tail(self.backbone(self.normalize(pixels)))
 
 
-def deployable_model(head: LinearHead) -> tuple[DeployedModel, dict]:
+def deployable_model(head: Head) -> tuple[DeployedModel, dict]:
     """The exported graph as an eval-mode, frozen CPU module, and its metadata; the backbone is
     rebuilt as predict does, fingerprint check included."""
     from .predict import backbone_for_head
@@ -140,13 +135,13 @@ def deployable_model(head: LinearHead) -> tuple[DeployedModel, dict]:
     return model.eval().requires_grad_(False).cpu(), export_metadata(head, backbone.spec)
 
 
-def export_metadata(head: LinearHead, spec) -> dict:
+def export_metadata(head: Head, spec) -> dict:
     """What a user needs to run the file without pipe: the classes, the transform that makes its
     input, what its output is, and where it came from (model, weights, feature fingerprint)."""
     return {
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
-        "kind": head_kind(head),
+        "kind": head.kind,
         "classes": list(head.classes),
         "transform": spec.transform.to_dict(),
         "input": f"{INPUT_NAME}: uint8 (N, 3, {spec.transform.crop}, {spec.transform.crop}) RGB, resized "
@@ -190,7 +185,7 @@ def require_onnx() -> None:
         raise PipeError(f"--format onnx needs {' and '.join(missing)}: {INSTALL_HINT}")
 
 
-def export_head(head: LinearHead, fmt: str, out=None, opset: int | None = None) -> ExportResult:
+def export_head(head: Head, fmt: str, out=None, opset: int | None = None) -> ExportResult:
     """Write ``head`` and its backbone to ``out`` (default: beside the head file) as one ``fmt``
     file, then run the file on random images and compare it with the eager model (ONNX: when
     onnxruntime is installed). ``opset`` is the ONNX opset (default: the exporter's)."""

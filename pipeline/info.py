@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import PipeError
-from .heads import LinearHead
+from .heads import load_head
 from .store import is_feature_file, read_features
 
 
@@ -28,11 +28,11 @@ def _describe_features(path: Path, show_failed: bool) -> list[str]:
 
 
 def _describe_head(path: Path) -> list[str]:
-    head = LinearHead.load(path)
+    head = load_head(path)
     t = head.training
     lines = [
         f"head file     {path}",
-        f"shape         {len(head.classes)} classes x {head.weight.shape[1]} features",
+        f"shape         {head.describe()}",
         f"trained on    {head.source.get('model')} features, fingerprint {head.fingerprint}",
         f"classes       {', '.join(head.classes)}",
     ]

@@ -15,7 +15,7 @@ from .scan import IMAGE_EXTENSIONS
 from .errors import PipeError
 from .devices import resolve_device
 from .extract import FeatureExtractor
-from .heads import LinearHead
+from .heads import Head
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Prediction:
     error: str = ""
 
 
-def predictions_json(predictions: list[Prediction], head: LinearHead) -> dict:
+def predictions_json(predictions: list[Prediction], head: Head) -> dict:
     """``pipe predict --json``: each image's top-k classes with their probabilities (in full
     float32 precision), or why it was skipped, in input order, with the head they came from."""
     return {
@@ -57,7 +57,7 @@ def expand_inputs(inputs) -> list[Path]:
     return files
 
 
-def backbone_for_head(head: LinearHead):
+def backbone_for_head(head: Head):
     """Rebuild the backbone a head's features came from, and check it still makes the same
     features (e.g. that a weights file was not replaced since extraction)."""
     source, identity = head.source, head.source["identity"]
@@ -72,7 +72,7 @@ def backbone_for_head(head: LinearHead):
     return spec.build()
 
 
-def predict_images(head: LinearHead, inputs, topk: int = 5, device: str = "auto", batch_size: int = 32,
+def predict_images(head: Head, inputs, topk: int = 5, device: str = "auto", batch_size: int = 32,
                    workers: int = 0) -> list[Prediction]:
     """Classify image files (or folders of them) with ``head`` and its backbone."""
     files = expand_inputs(inputs)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.errors import PipeError
-from pipeline.heads import LinearHead, LinearProbe, SklearnProbe, make_probe
+from pipeline.heads import LinearHead, LinearProbe, SklearnProbe, load_head, make_probe
 from pipeline.heads.lbfgs import batched_lbfgs  # the solver under test
 from pipeline.heads.multinomial import FeatureSpectrum, Preconditioner, fit_multinomial, multinomial_loss_and_grad
 
@@ -51,7 +51,7 @@ def test_head_round_trip_keeps_predictions_and_loads_without_pickle(fitted, tmp_
     np.testing.assert_allclose(loaded.predict_proba(X_test), head.predict_proba(X_test))
     assert loaded.classes == ["cat", "dog", "fox"] and loaded.training["strength"] == probe.best_strength_
     raw = torch.load(path, weights_only=True, map_location="cpu")
-    assert raw["format"] == "pipe-head" and raw["version"] == 1
+    assert raw["format"] == "pipe-head" and raw["version"] == 1 and raw["kind"] == "linear"
     assert [p.name for p in tmp_path.iterdir()] == ["head.pt"]  # no temporary file left
 
 
@@ -73,6 +73,15 @@ def test_load_rejects_what_is_not_a_head(tmp_path, content):
         torch.save({"format": "pipe-head", "version": 99}, path)
     with pytest.raises(PipeError, match="head.pt"):
         LinearHead.load(path)
+
+
+def test_a_head_of_a_kind_this_pipe_does_not_know_is_one_clear_error(fitted, tmp_path):
+    path = tmp_path / "head.pt"
+    head_of(fitted[0]).save(path)
+    payload = torch.load(path, weights_only=True)
+    torch.save({**payload, "kind": "hologram"}, path)
+    with pytest.raises(PipeError, match="head.pt is of kind 'hologram'.*linear"):
+        load_head(path)
 
 
 def test_load_rejects_a_truncated_head(fitted, tmp_path):

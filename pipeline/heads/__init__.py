@@ -1,6 +1,7 @@
-"""Linear heads on cached features: the head file and the probes that train it.
+"""Heads on cached features: the head file, its kinds, and the probes that train them.
 
-What the rest of pipe uses: :class:`LinearHead` (the head file, :mod:`.head_file`), the
+What the rest of pipe uses: :func:`load_head` (any kind of head file), :class:`Head` (what
+every kind offers) and :class:`LinearHead` (the linear kind; all in :mod:`.head_file`), the
 trainers :class:`LinearProbe` and :class:`SklearnProbe` and :func:`make_probe`, which
 builds either by name (:mod:`.probes`), and :class:`RowSubset`, a lazy view of some rows of
 a feature file (:mod:`.features`). The solver (:mod:`.lbfgs`) and the problem it solves
@@ -8,7 +9,7 @@ a feature file (:mod:`.features`). The solver (:mod:`.lbfgs`) and the problem it
 """
 
 from pipeline.heads.features import RowSubset
-from pipeline.heads.head_file import LinearHead
+from pipeline.heads.head_file import Head, LinearHead, load_head
 from pipeline.heads.probes import LinearProbe, SklearnProbe, make_probe
 
-__all__ = ["LinearHead", "LinearProbe", "RowSubset", "SklearnProbe", "make_probe"]
+__all__ = ["Head", "LinearHead", "load_head", "LinearProbe", "RowSubset", "SklearnProbe", "make_probe"]

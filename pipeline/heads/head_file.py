@@ -1,10 +1,16 @@
-"""The head file: :class:`LinearHead`, a trained linear classifier, and its on-disk format.
+"""The head file: its on-disk format, the kinds of head, and :class:`LinearHead`.
 
 A head file is a ``torch.save`` of plain types and tensors, read back with
-``torch.load(weights_only=True)`` so that no pickled code ever runs: ``format``
-("pipe-head"), ``version`` (1), ``weight`` (C, D) and ``bias`` (C,) float32, ``mean`` and
-``std`` (D,) or None, ``classes``, ``fingerprint`` (of the features it was trained on),
-``source`` (what predict rebuilds) and ``training`` (free-form metadata about the fit).
+``torch.load(weights_only=True)`` so that no pickled code ever runs. Every kind stores
+``format`` ("pipe-head"), ``version`` (1), ``kind``, ``classes``, ``fingerprint`` (of the
+features it was trained on), ``source`` (what predict rebuilds) and ``training`` (free-form
+metadata about the fit), plus what the kind needs. A linear head adds ``weight`` (C, D) and
+``bias`` (C,) float32, and ``mean`` and ``std`` (D,) or None. Files written before kinds
+existed have no ``kind`` and are linear.
+
+Each kind is a subclass of :class:`Head` that names its ``kind`` and ``payload_keys``,
+and implements :meth:`Head.to_payload` / :meth:`Head.from_payload`; defining the subclass
+registers it, and :func:`load_head` reads any kind.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from pipeline.heads.features import row_chunks, standardize
 
 HEAD_FORMAT = "pipe-head"
 HEAD_VERSION = 1
-_HEAD_KEYS = ("weight", "bias", "mean", "std", "classes", "fingerprint", "source", "training")
+_COMMON_KEYS = ("classes", "fingerprint", "source", "training")
+HEAD_KINDS: dict[str, type[Head]] = {}
 
 
 def _softmax(z):
@@ -34,8 +41,141 @@ def _softmax(z):
     return z / z.sum(axis=1, keepdims=True)
 
 
+class Head:
+    """What every kind of head offers: the class names, the fingerprint of the features it
+    was trained on, ``source``/``training`` metadata, ``path`` (where it was loaded from or
+    saved to), :meth:`predict_proba`, and saving and loading through the head file.
+
+    A subclass sets ``kind`` and ``payload_keys`` (the file keys its :meth:`from_payload`
+    needs beyond the common ones) and becomes readable by :func:`load_head`.
+    """
+
+    kind: str = ""
+    payload_keys: tuple[str, ...] = ()
+    classes: list[str]
+    fingerprint: str
+    source: dict
+    training: dict
+    path: str | None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.kind:
+            HEAD_KINDS[cls.kind] = cls
+
+    @property
+    def feature_dim(self) -> int:
+        """The number of feature dimensions the head reads."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """One line on what the head holds, for ``pipe info``."""
+        raise NotImplementedError
+
+    def predict_proba(self, X):
+        """Class probabilities (N, C) float32 for features ``X`` (N, D)."""
+        raise NotImplementedError
+
+    def to_payload(self) -> dict:
+        """The kind's own entries of the head file (tensors and plain types)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_payload(cls, payload: dict, path: str) -> Head:
+        """The head from a loaded head file whose keys were checked (the shared constructor
+        arguments come from :func:`common_fields`)."""
+        raise NotImplementedError
+
+    def predict(self, X):
+        """Predicted class indices (N,) int64 (indices into ``classes``)."""
+        return self.predict_proba(X).argmax(axis=1).astype(np.int64)
+
+    def check_features(self, X):
+        """Raise :class:`PipeError` unless ``X`` has the head's number of dimensions."""
+        if X.shape[1] != self.feature_dim:
+            raise PipeError(
+                f"features have {X.shape[1]} dimensions but head {self.path or '(unsaved)'} "
+                f"expects {self.feature_dim}; retrain with pipe train-head"
+            )
+
+    def check_fingerprint(self, fingerprint, features="the feature file"):
+        """Raise :class:`PipeError` unless ``fingerprint`` matches the training features."""
+        if fingerprint != self.fingerprint:
+            raise PipeError(
+                f"head {self.path or '(unsaved)'} was trained on features {self.fingerprint} "
+                f"but {features} has {fingerprint}; retrain with pipe train-head"
+            )
+
+    def save(self, path):
+        """Write the head to ``path`` atomically (temporary file + rename), creating its folder."""
+        path = Path(path)
+        payload = {
+            "format": HEAD_FORMAT,
+            "version": HEAD_VERSION,
+            "kind": self.kind,
+            "classes": list(self.classes),
+            "fingerprint": self.fingerprint,
+            "source": self.source,
+            "training": self.training,
+            **self.to_payload(),
+        }
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        except OSError as exc:
+            raise PipeError(f"cannot write the head file {path}: {exc.strerror}") from None
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(payload, f)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        self.path = str(path)
+
+    @classmethod
+    def load(cls, path) -> Head:
+        """Read a head file of this class's kind (any kind when called on :class:`Head`)."""
+        head = load_head(path)
+        if cls is not Head and not isinstance(head, cls):
+            raise PipeError(f"{path} is a {head.kind} head; this needs a {cls.kind} head")
+        return head
+
+
+def load_head(path) -> Head:
+    """Read a head file of any kind; no pickled code is ever executed."""
+    try:
+        payload = torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise PipeError(f"head file {path} does not exist; train one with pipe train-head")
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, zipfile.BadZipFile):
+        raise PipeError(f"{path} is not a readable head file (not a torch file, or truncated)")
+    if not isinstance(payload, dict) or payload.get("format") != HEAD_FORMAT:
+        raise PipeError(f"{path} is a torch file but not a pipe head; train one with pipe train-head")
+    if payload.get("version") != HEAD_VERSION:
+        raise PipeError(
+            f"head {path} has format version {payload.get('version')!r}; this pipe reads "
+            f"version {HEAD_VERSION}; retrain with pipe train-head"
+        )
+    kind = payload.get("kind", "linear")
+    if kind not in HEAD_KINDS:
+        raise PipeError(f"head {path} is of kind {kind!r}, which this pipe does not know "
+                        f"({', '.join(sorted(HEAD_KINDS))}); upgrade pipe or retrain with pipe train-head")
+    head_cls = HEAD_KINDS[kind]
+    missing = [key for key in _COMMON_KEYS + head_cls.payload_keys if key not in payload]
+    if missing:
+        raise PipeError(f"head {path} is missing {', '.join(missing)}; retrain with pipe train-head")
+    return head_cls.from_payload(payload, str(path))
+
+
+def common_fields(payload: dict, path: str) -> dict:
+    """The constructor arguments every kind shares, from a loaded head file."""
+    return {"classes": list(payload["classes"]), "fingerprint": payload["fingerprint"],
+            "source": payload["source"], "training": payload["training"], "path": path}
+
+
 @dataclass
-class LinearHead:
+class LinearHead(Head):
     """A trained linear classifier on features: ``standardise(x) @ weight.T + bias``.
 
     ``weight`` is (C, D) float32, ``bias`` (C,); ``mean``/``std`` (D,) standardise the
@@ -55,21 +195,26 @@ class LinearHead:
     training: dict = field(default_factory=dict)
     path: str | None = field(default=None, compare=False)
 
+    kind = "linear"
+    payload_keys = ("weight", "bias", "mean", "std")
+
+    @property
+    def feature_dim(self) -> int:
+        return self.weight.shape[1]
+
+    def describe(self) -> str:
+        return f"{len(self.classes)} classes x {self.feature_dim} features (linear)"
+
     def decision_function(self, X):
         """Class scores (N, C) float32 for features ``X`` (N, D), read in row chunks.
 
         ``X`` may be any 2-D array-like supporting ``X[a:b]`` (an ndarray, an
         ``h5py.Dataset``), so memory stays bounded for big feature files.
         """
-        n_rows, n_dims = X.shape
-        if n_dims != self.weight.shape[1]:
-            raise PipeError(
-                f"features have {n_dims} dimensions but head {self.path or '(unsaved)'} "
-                f"expects {self.weight.shape[1]}; retrain with pipe train-head"
-            )
+        self.check_features(X)
         weight_t = np.ascontiguousarray(self.weight.T)
-        scores = np.empty((n_rows, len(self.classes)), dtype=np.float32)
-        for start, stop in row_chunks(n_rows):
+        scores = np.empty((X.shape[0], len(self.classes)), dtype=np.float32)
+        for start, stop in row_chunks(X.shape[0]):
             x = standardize(X[start:stop], self.mean, self.std)
             scores[start:stop] = x @ weight_t + self.bias
         return scores
@@ -78,75 +223,16 @@ class LinearHead:
         """Class probabilities (N, C): the softmax of :meth:`decision_function`."""
         return _softmax(self.decision_function(X))
 
-    def predict(self, X):
-        """Predicted class indices (N,) int64 (indices into ``classes``)."""
-        return self.decision_function(X).argmax(axis=1).astype(np.int64)
-
-    def check_fingerprint(self, fingerprint, features="the feature file"):
-        """Raise :class:`PipeError` unless ``fingerprint`` matches the training features."""
-        if fingerprint != self.fingerprint:
-            raise PipeError(
-                f"head {self.path or '(unsaved)'} was trained on features {self.fingerprint} "
-                f"but {features} has {fingerprint}; retrain with pipe train-head"
-            )
-
-    def save(self, path):
-        """Write the head to ``path`` atomically (temporary file + rename), creating its folder."""
-        path = Path(path)
-        payload = {
-            "format": HEAD_FORMAT,
-            "version": HEAD_VERSION,
+    def to_payload(self) -> dict:
+        return {
             "weight": torch.from_numpy(np.asarray(self.weight, dtype=np.float32)),
             "bias": torch.from_numpy(np.asarray(self.bias, dtype=np.float32)),
             "mean": None if self.mean is None else torch.from_numpy(self.mean),
             "std": None if self.std is None else torch.from_numpy(self.std),
-            "classes": list(self.classes),
-            "fingerprint": self.fingerprint,
-            "source": self.source,
-            "training": self.training,
         }
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        except OSError as exc:
-            raise PipeError(f"cannot write the head file {path}: {exc.strerror}") from None
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        self.path = str(path)
 
     @classmethod
-    def load(cls, path):
-        """Read a head written by :meth:`save`; no pickled code is ever executed."""
-        try:
-            payload = torch.load(path, weights_only=True, map_location="cpu")
-        except FileNotFoundError:
-            raise PipeError(f"head file {path} does not exist; train one with pipe train-head")
-        except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, zipfile.BadZipFile):
-            raise PipeError(f"{path} is not a readable head file (not a torch file, or truncated)")
-        if not isinstance(payload, dict) or payload.get("format") != HEAD_FORMAT:
-            raise PipeError(f"{path} is a torch file but not a pipe head; train one with pipe train-head")
-        if payload.get("version") != HEAD_VERSION:
-            raise PipeError(
-                f"head {path} has format version {payload.get('version')!r}; this pipe reads "
-                f"version {HEAD_VERSION}; retrain with pipe train-head"
-            )
-        missing = [key for key in _HEAD_KEYS if key not in payload]
-        if missing:
-            raise PipeError(f"head {path} is missing {', '.join(missing)}; retrain with pipe train-head")
-        arrays = {
-            key: None if payload[key] is None else payload[key].numpy().astype(np.float32)
-            for key in ("weight", "bias", "mean", "std")
-        }
-        return cls(
-            **arrays,
-            classes=list(payload["classes"]),
-            fingerprint=payload["fingerprint"],
-            source=payload["source"],
-            training=payload["training"],
-            path=str(path),
-        )
+    def from_payload(cls, payload: dict, path: str) -> LinearHead:
+        arrays = {key: None if payload[key] is None else payload[key].numpy().astype(np.float32)
+                  for key in cls.payload_keys}
+        return cls(**arrays, **common_fields(payload, path))

@@ -156,7 +156,7 @@ def render(data: ReportData) -> str:
     nav = "".join(f'<a href="#{id_}">{text(title)}</a>' for id_, title, _ in parts)
     body = "".join(f'<section id="{id_}"><h2>{text(title)}</h2>{html}</section>' for id_, title, html in parts)
     f = data.features
-    title = f"pipe report: {f.attrs.get('model', '?')} + {sections.head_kind(data.head)} head on {f.path.name}"
+    title = f"pipe report: {f.attrs.get('model', '?')} + {data.head.kind} head on {f.path.name}"
     made = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'

@@ -19,18 +19,14 @@ MAX_PAIRS = 24  # pairs shown per kind of duplicate
 METRIC_COLOURS = (("precision", "#4e79a7"), ("recall", "#f28e2b"), ("F1", "#59a14f"))
 
 
-def head_kind(head) -> str:
-    """The head's kind as its file records it (linear heads before kinds existed: its trainer)."""
-    return getattr(head, "kind", None) or head.training.get("trainer") or "linear"
-
-
-def _choice(training) -> tuple[str, float | None, bool]:
-    """What the head's training chose: (name of the parameter, chosen value, log axis)."""
-    if "strength" in training:
-        return "L2 strength", training["strength"], True
-    if "k" in training:
-        return "k", training["k"], False
-    return "parameter", training.get("choice"), False
+def _choice(training) -> tuple[str, object, bool]:
+    """What the head's training chose: (the parameter's name, the chosen value, whether its
+    grid is plotted on a log axis). The record names its parameter (``"parameter"``); linear
+    heads, which record ``strength``, may not."""
+    key = training.get("parameter") or ("strength" if "strength" in training else None)
+    if key is None:
+        return "parameter", None, False
+    return ("L2 strength" if key == "strength" else key), training.get(key), key == "strength"
 
 
 def _how_chosen(training) -> str:
@@ -72,7 +68,7 @@ def summary(data):
         ("backbone", f"{text(f.attrs.get('model', '?'))} ({f.attrs.get('feature_dim', '?')}-dim features, "
                      f"{text(f.attrs.get('dtype', '?'))})"),
         ("weights", f"{text(f.attrs.get('weights', '?'))}: {text(f.attrs.get('weights_id', '?'))}"),
-        ("head", f"{text(head_kind(head))} · {text(chosen)}, {text(_how_chosen(head.training))}"),
+        ("head", f"{text(head.kind)} · {text(chosen)}, {text(_how_chosen(head.training))}"),
         (f"accuracy on {data.split}", f"{_with_interval(m, 'accuracy')} on {m['n']:,} images"),
         ("balanced accuracy", _with_interval(m, "balanced_accuracy")),
         ("macro F1", _with_interval(m, "macro_f1")),
@@ -115,7 +111,7 @@ def sweep(data):
                                   f'{text(how)}.</p>')
     xs, ys = zip(*scores)
     label = {"cv": "cross-validated accuracy", "val": "val accuracy", "holdout": "hold-out accuracy"}.get(method, "accuracy")
-    log = log and min(xs) > 0
+    log = min(xs) > 0 and (log or max(xs) / min(xs) >= 100)  # a wide positive grid: a log axis whatever it is
     chart = line_plot(xs, ys, chosen, name, label, log)
     note = f'<p class="note">{text(label.capitalize())} of each {text(name)} tried; chosen: {chosen:.3g}, {text(_how_chosen(training))}.</p>'
     return "sweep", f"Sweep: {label} against {name}", note + f'<div class="chart">{chart}</div>'
