@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.heads import LinearHead  # noqa: E402
+from pipeline.heads import load_head  # noqa: E402
 from pipeline.heads.selection import DEFAULT_STRENGTH  # noqa: E402
 from pipeline.metrics import bootstrap_intervals  # noqa: E402
 from pipeline.report.data_issues import find_duplicates, find_label_issues  # noqa: E402
@@ -45,7 +45,7 @@ def timed(function, *args):
 def stages(features_path, head_path):
     """Seconds of each stage of the report, run one by one in this process."""
     features, read_s = timed(read_features, features_path)
-    head = LinearHead.load(head_path)
+    head = load_head(head_path)
     rows = features.row_indices("test")
     proba, predict_s = timed(head.predict_proba, features.features[rows])
     _, bootstrap_s = timed(bootstrap_intervals, features.labels[rows], proba)

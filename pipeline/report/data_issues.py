@@ -26,7 +26,8 @@ class LabelIssues:
 
     ``rows`` (feature file rows, lowest ``self_confidence`` first), ``given`` and ``suggested``
     (class indices), ``self_confidence`` (out-of-fold probability of the given label) and
-    ``suggested_probability``; ``n_checked`` images were scored in ``folds`` folds.
+    ``suggested_probability``; ``n_checked`` images were scored in ``folds`` folds by heads of
+    L2 ``strength``.
     ``reason`` says why nothing could be checked (then everything else is empty)."""
 
     rows: np.ndarray
@@ -36,6 +37,7 @@ class LabelIssues:
     suggested_probability: np.ndarray
     n_checked: int = 0
     folds: int = 0
+    strength: float = 0.0
     reason: str = ""
 
 
@@ -90,7 +92,7 @@ def find_label_issues(features: FeatureSet, strength: float, seed: int = 0) -> L
     issues, suggested = confident_label_issues(proba, y)
     return LabelIssues(rows=pool[issues], given=y[issues], suggested=suggested,
                        self_confidence=proba[issues, y[issues]], suggested_probability=proba[issues, suggested],
-                       n_checked=len(y), folds=len(kfold_masks(y, seed)))
+                       n_checked=len(y), folds=len(kfold_masks(y, seed)), strength=strength)
 
 
 @dataclass

@@ -15,6 +15,7 @@ import numpy as np
 from .. import __version__
 from ..errors import PipeError
 from ..evaluate import load_matching_head
+from ..heads import Head
 from ..heads.selection import DEFAULT_STRENGTH
 from ..metrics import bootstrap_intervals, classification_report
 from ..store import FeatureSet, read_features
@@ -49,7 +50,8 @@ figure.thumb img,.missing{width:112px;height:112px;object-fit:contain;background
 figcaption{margin-top:3px;overflow-wrap:anywhere}
 .pair{display:flex;gap:6px;padding:6px;border:1px solid #e4e4e4;border-radius:4px}
 .pairs{display:flex;flex-wrap:wrap;gap:10px}
-.group{margin-bottom:10px}
+.groups{display:flex;flex-wrap:wrap;gap:6px 22px}
+.group h3{margin:8px 0 4px}
 """
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
@@ -63,7 +65,7 @@ class ReportData:
     duplicates, and ``thumbnails``."""
 
     features: FeatureSet
-    head: object
+    head: Head
     split: str
     rows: np.ndarray
     y: np.ndarray

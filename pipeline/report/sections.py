@@ -6,6 +6,7 @@ interface is used: ``classes``, ``predict_proba`` (through the data), ``source``
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import PurePath
 
 import numpy as np
 
@@ -144,7 +145,7 @@ def mistakes(data):
                      f"p = {data.proba[i, pred]:.3f}")) for i in positions)
         html.append(f'<div class="group"><h3>{text(classes[true])} → {text(classes[pred])}: '
                     f'{len(positions)} of {total[(true, pred)]}</h3><div class="thumbs">{figures}</div></div>')
-    return "mistakes", "Most confident mistakes", "".join(html)
+    return "mistakes", "Most confident mistakes", html[0] + f'<div class="groups">{"".join(html[1:])}</div>'
 
 
 def embedding(data):
@@ -171,14 +172,15 @@ def label_issues(data):
         return "label-issues", title, f'<p class="note">Not checked: {text(issues.reason)}.</p>'
     shown = range(min(len(issues.rows), MAX_LABEL_ISSUES))
     note = (f'<p class="note">Train and val images whose given label gets a low probability from linear heads '
-            f'that did not see them ({issues.folds}-fold cross-validation, confident learning\'s per-class '
+            f'that did not see them ({issues.folds}-fold cross-validation, L2 strength {issues.strength:.3g}; '
+            f'confident learning\'s per-class '
             f'thresholds): {len(issues.rows):,} of {issues.n_checked:,} images'
             + (f", the {len(shown)} least likely shown" if len(issues.rows) > len(shown) else "") + ".</p>")
     figures = "".join(data.thumbnails.figure(
         data.features.paths[issues.rows[k]],
         _caption(f"given: {text(classes[issues.given[k]])} ({issues.self_confidence[k]:.2f})",
                  f"suggested: {text(classes[issues.suggested[k]])} ({issues.suggested_probability[k]:.2f})",
-                 text(data.features.split[issues.rows[k]])))
+                 f"{text(data.features.split[issues.rows[k]])}: {text(PurePath(data.features.paths[issues.rows[k]]).name)}"))
         for k in shown)
     return "label-issues", title, note + f'<div class="thumbs">{figures}</div>'
 
