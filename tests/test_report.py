@@ -15,6 +15,7 @@ from PIL import Image
 
 from browser import contents, pixel_spread, render, requires_chromium, section_html
 from conftest import COLOURS, FAST_EXTRACT, assert_clean_error, invoke, make_image_folder
+from pipeline.heads import load_head
 from pipeline.report.data_issues import confident_label_issues, find_duplicates, out_of_fold_probabilities
 from pipeline.report.page import map_rows
 from pipeline.store import read_features
@@ -184,6 +185,24 @@ def test_a_single_strength_has_no_sweep_and_says_so(tmp_path):
                   "--out", tmp_path / "r.html").exit_code == 0
     sweep = section_html((tmp_path / "r.html").read_text(), "sweep")
     assert "No sweep" in sweep and "the only one given" in sweep and "<svg" not in sweep
+
+
+@pytest.mark.parametrize("training, shown, absent", [
+    ({"parameter": "k", "k": 5, "grid_scores": [[1, 0.8], [3, 0.9], [5, 0.95], [9, 0.93]]},
+     ["chosen 5", ">k</text>", ">8</text>"], ["1e-"]),
+    ({}, ["No sweep", "not recorded"], ["<svg"]),
+])
+def test_the_sweep_plots_whatever_grid_the_training_record_holds(flawed, tmp_path, training, shown, absent):
+    root = flawed[0]
+    head = load_head(root / "h.pt")
+    head.training = training
+    head.save(tmp_path / "h.pt")
+    out = tmp_path / "r.html"
+    result = invoke("report", "--features", root / "f.h5", "--head", tmp_path / "h.pt", "--out", out)
+    assert result.exit_code == 0, (result.output, result.exception)
+    sweep = section_html(out.read_text(), "sweep")
+    assert all(fragment in sweep for fragment in shown), sweep
+    assert not any(fragment in sweep for fragment in absent), sweep
 
 
 def test_bad_input_is_one_line_and_exit_2(flawed, tmp_path):

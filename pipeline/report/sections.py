@@ -30,6 +30,10 @@ def _choice(training) -> tuple[str, object, bool]:
     return ("L2 strength" if key == "strength" else key), training.get(key), key == "strength"
 
 
+def _value(value) -> str:
+    return f"{value:.3g}" if isinstance(value, (int, float)) else "not recorded"
+
+
 def _how_chosen(training) -> str:
     """How the choice was made, in words (the selection record's own description)."""
     record = training.get("selection")
@@ -60,7 +64,6 @@ def summary(data):
     f, head, m = data.features, data.head, data.metrics
     counts = f.split_counts()
     name, value, _ = _choice(head.training)
-    chosen = f"{name} {value:.3g}" if isinstance(value, (int, float)) else "not recorded"
     classes = ", ".join(f.classes[:12]) + (f" and {len(f.classes) - 12} more" if len(f.classes) > 12 else "")
     rows = [
         ("dataset", f"{text(f.attrs.get('data_root', '?'))} · {len(f.classes)} classes: {text(classes)}"),
@@ -69,7 +72,7 @@ def summary(data):
         ("backbone", f"{text(f.attrs.get('model', '?'))} ({f.attrs.get('feature_dim', '?')}-dim features, "
                      f"{text(f.attrs.get('dtype', '?'))})"),
         ("weights", f"{text(f.attrs.get('weights', '?'))}: {text(f.attrs.get('weights_id', '?'))}"),
-        ("head", f"{text(head.kind)} · {text(chosen)}, {text(_how_chosen(head.training))}"),
+        ("head", f"{text(head.kind)} · {text(name)} {_value(value)}, {text(_how_chosen(head.training))}"),
         (f"accuracy on {data.split}", f"{_with_interval(m, 'accuracy')} on {m['n']:,} images"),
         ("balanced accuracy", _with_interval(m, "balanced_accuracy")),
         ("macro F1", _with_interval(m, "macro_f1")),
@@ -114,7 +117,7 @@ def sweep(data):
     label = {"cv": "cross-validated accuracy", "val": "val accuracy", "holdout": "hold-out accuracy"}.get(method, "accuracy")
     log = min(xs) > 0 and (log or max(xs) / min(xs) >= 100)  # a wide positive grid: a log axis whatever it is
     chart = line_plot(xs, ys, chosen, name, label, log)
-    note = f'<p class="note">{text(label.capitalize())} of each {text(name)} tried; chosen: {chosen:.3g}, {text(_how_chosen(training))}.</p>'
+    note = f'<p class="note">{text(label.capitalize())} of each {text(name)} tried; chosen: {_value(chosen)}, {text(_how_chosen(training))}.</p>'
     return "sweep", f"Sweep: {label} against {name}", note + f'<div class="chart">{chart}</div>'
 
 
