@@ -13,6 +13,7 @@ import numpy as np
 
 from ..heads import LinearProbe
 from ..heads.features import row_chunks
+from ..heads.multinomial import one_thread
 from ..heads.selection import kfold_masks, split_parts
 from ..store import FeatureSet
 
@@ -22,6 +23,9 @@ DUPLICATE_COSINE = 0.98
 # 0.063) each fold's fit took 12-13 L-BFGS iterations instead of 31-35, the out-of-fold accuracy
 # was 0.860 instead of 0.861, and 87 images were flagged instead of 88, 86 of them the same.
 ISSUE_TOL = 1e-3
+# ... and run on one CPU thread: on the 2-core reference machine under load (load average 5-6),
+# the 5 folds of those 2,000 images took 2.0-2.3 s on one thread and 9-23 s on two, taking turns
+# in one process (pipeline.heads.multinomial, SINGLE_THREAD_VALUES, explains why).
 SPLITS = ("train", "val", "test")
 
 
@@ -48,14 +52,15 @@ class LabelIssues:
 
 def out_of_fold_probabilities(X, y, n_classes, strength, seed=0):
     """Class probabilities (N, ``n_classes``) of every row of ``(X, y)`` from a linear head
-    (L2 ``strength``, gradient tolerance ``ISSUE_TOL``) fitted on the other folds of a stratified k-fold split
+    (L2 ``strength``, gradient tolerance ``ISSUE_TOL``, one thread) fitted on the other folds of a stratified k-fold split
     (:func:`~pipeline.heads.selection.kfold_masks`). Every class needs 2 rows."""
     proba = np.zeros((len(y), n_classes), dtype=np.float32)
     classes = [str(c) for c in range(n_classes)]
-    for mask in kfold_masks(y, seed):
-        [(_, X_fit, y_fit)], [(_, X_scored, _)] = split_parts([("pool", X, y)], mask)
-        probe = LinearProbe(grid=[strength], seed=seed, tol=ISSUE_TOL).fit(X_fit, y_fit)
-        proba[mask] = probe.to_head(classes, "", {}).predict_proba(X_scored)
+    with one_thread():
+        for mask in kfold_masks(y, seed):
+            [(_, X_fit, y_fit)], [(_, X_scored, _)] = split_parts([("pool", X, y)], mask)
+            probe = LinearProbe(grid=[strength], seed=seed, tol=ISSUE_TOL).fit(X_fit, y_fit)
+            proba[mask] = probe.to_head(classes, "", {}).predict_proba(X_scored)
     return proba
 
 
