@@ -269,3 +269,11 @@ def test_umap_is_used_when_installed(flawed, tmp_path, monkeypatch):
     out = tmp_path / "r.html"
     assert invoke("report", "--features", root / "f.h5", "--head", root / "h.pt", "--out", out).exit_code == 0
     assert "UMAP of the test split" in section_html(out.read_text(), "embedding")
+
+
+def test_files_written_by_earlier_versions_make_a_report(tmp_path):
+    run = Path(__file__).parent / "fixtures" / "run-v1"  # see tests/test_formats.py
+    out = tmp_path / "r.html"
+    result = invoke("report", "--features", run / "features.h5", "--head", run / "head.pt", "--out", out)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert set(SECTION_IDS) <= contents(out.read_text()).ids
