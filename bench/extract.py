@@ -3,6 +3,7 @@
     python bench/extract.py                          # efficientnet_lite0, 2,000 photos, then quality and memory
     python bench/extract.py --models efficientnet_lite0,resnet50 --images 500 --skip-quality
     python bench/extract.py --allocator --batch-sizes 16,32,64 --skip-quality   # what the allocator and batch size do
+    python bench/extract.py --sched --skip-quality   # also pipe with PIPE_SCHED=default: what core sharing gains
     python bench/extract.py --device cuda --models resnet50 --widths 400,600 --images 5000 --skip-quality \
         --json bench/results/extract-gpu.json      # on a GPU machine: ImageNet-sized JPEGs, decoded on the GPU
 
@@ -11,7 +12,9 @@ sample photos), for each model, with glibc keeping large buffers as pipe's proce
 (:mod:`pipeline.allocator`), real weights where a package ships them (efficientnet_lite0), and
 the batch size pipe uses by default:
   (a) the ceiling: the model alone on pre-decoded uint8 tensors, with pipe's precision, memory
-      format and normalisation on the device;
+      format, BatchNorm folding and normalisation on the device; on the CPU in fresh processes
+      under both OpenMP wait policies (spinning, the default, and passive, which pipe sets), the
+      better one counting; it also prints the rate with BatchNorm not folded;
   (d) the decode cost: seconds per image on one core for pipe's default decoding (and, for
       comparison, PIL with draft, simplejpeg with DCT scaling, torchvision's full decode);
   the achievable rate: 1 / (1/a + d/cores), decoding shared over the cores;
@@ -89,11 +92,12 @@ def weights_for(model: str) -> str:
     return "DEFAULT" if model in PACKAGED else "none"
 
 
-def time_ceiling(spec, pixels: torch.Tensor, batch_size: int, compiled: bool = False, device="cpu") -> float:
-    """(a): pipe's forward path (normalise, channels_last, inference_mode; bf16 autocast on CUDA)
-    on decoded tensors already on ``device``; with ``compiled``, as `pipe extract --compile` runs
-    it (compilation before the clock)."""
-    run = FeatureExtractor(spec.build(), torch.device(device), batch_size if compiled else None)
+def time_ceiling(spec, pixels: torch.Tensor, batch_size: int, compiled: bool = False, device="cpu",
+                 fold: bool = True) -> float:
+    """(a): pipe's forward path (normalise, channels_last, BatchNorm folded, inference_mode; bf16
+    autocast on CUDA) on decoded tensors already on ``device``; with ``compiled``, as `pipe
+    extract --compile` runs it (compilation before the clock); ``fold=False``: BatchNorm kept."""
+    run = FeatureExtractor(spec.build(), torch.device(device), batch_size if compiled else None, fold=fold)
     pixels = pixels.to(device)
     run(pixels[:batch_size])  # warm-up (features come back to the CPU: each batch is synchronised)
     started = time.perf_counter()
@@ -167,17 +171,23 @@ def wall_seconds(cmd: list[str], env: dict | None = None) -> float:
     return time.perf_counter() - started
 
 
-def time_pipe(model: str, root: Path, n: int, device: str = "cpu") -> tuple[float, float]:
+def time_pipe(model: str, root: Path, n: int, device: str = "cpu", env: dict | None = None) -> tuple[float, float]:
     """(c): `pipe extract` in a fresh process, into a fresh file: images/s over its wall time less
-    the start-up of a bare `import torch, torchvision`; and that start-up."""
+    the start-up of a bare `import torch, torchvision`; and that start-up. ``env`` is added to
+    the environment of the pipe process. pipe's bytecode is cached as in any installed package
+    (torch's is, from its wheel), even where PYTHONDONTWRITEBYTECODE is set."""
     startup = min(wall_seconds([sys.executable, "-c", "import torch, torchvision"]) for _ in range(3))
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "pipeline")], check=True)
     with tempfile.TemporaryDirectory() as tmp:
         seconds = wall_seconds([sys.executable, "-m", "pipeline", "-q", "extract", str(root), "--model", model,
-                                "--weights", weights_for(model), "--device", device, "--out", str(Path(tmp) / "f.h5")])
+                                "--weights", weights_for(model), "--device", device, "--out", str(Path(tmp) / "f.h5")],
+                               env={**os.environ, **(env or {})})
     return n / (seconds - startup), startup
 
 
-def speed(models: list[str], n: int, root: Path, device: str = "cpu") -> dict:
+def speed(models: list[str], n: int, root: Path, device: str = "cpu", sched: bool = False) -> dict:
+    """(a), (d), (b) and (c) for each model; with ``sched``, also (c) with ``PIPE_SCHED=default``
+    (OpenMP threads spinning, decode workers at normal priority: what pipe.cpu_sharing gains)."""
     results = {}
     cores = len(os.sched_getaffinity(0))
     batch_size = default_batch_size(torch.device(device))
@@ -185,37 +195,70 @@ def speed(models: list[str], n: int, root: Path, device: str = "cpu") -> dict:
     sample = [root / name for name in names[:min(len(names), 300)]]
     for model in models:
         spec = resolve_backbone(model, weights_for(model))
-        files = ImageFiles(root, names, spec.transform)
-        pixels = torch.stack([files[i][1] for i in range(len(files))])
-        a = time_ceiling(spec, pixels, batch_size, device=device)
+        if device == "cpu":  # in fresh processes: the OpenMP wait policy is set when torch loads
+            a, by_policy = best_cpu_ceiling(model, batch_size)
+            unfolded, _ = best_cpu_ceiling(model, batch_size, fold=False)
+        else:
+            files = ImageFiles(root, names, spec.transform)
+            pixels = torch.stack([files[i][1] for i in range(len(files))])
+            a, by_policy = time_ceiling(spec, pixels, batch_size, device=device), {}
+            unfolded = time_ceiling(spec, pixels, batch_size, device=device, fold=False)
         costs = decode_costs(sample, spec.transform)
         d = costs["pil_draft (pipe)"]
         achievable = 1 / (1 / a + d / cores)
         b = time_peer(spec, root, device)
         c, startup = time_pipe(model, root, n, device)
         results[model] = {"device": device, "weights": spec.weights.id, "batch_size": batch_size, "ceiling": a,
+                          "ceiling_by_openmp_wait_policy": by_policy, "ceiling_batchnorm_not_folded": unfolded,
                           "decode_seconds_per_image_one_core": costs, "achievable": achievable, "peer": b,
                           "pipe": c, "python_torch_startup_seconds": startup,
                           "c/a": c / a, "c/achievable": c / achievable, "c/b": c / b}
-        print(f"{model} ({spec.weights.id}, batch {batch_size}): (a) ceiling {a:.1f} img/s, (d) decode "
-              f"{1000 * d:.1f} ms/img on one core -> achievable {achievable:.1f} img/s on {cores} cores; "
-              f"(b) peer {b:.1f} img/s; (c) pipe {c:.1f} img/s (less {startup:.1f} s start-up)", flush=True)
+        print(f"{model} ({spec.weights.id}, batch {batch_size}): (a) ceiling {a:.1f} img/s ({unfolded:.1f} with "
+              f"BatchNorm not folded), (d) decode {1000 * d:.1f} ms/img on one core -> achievable "
+              f"{achievable:.1f} img/s on {cores} cores; (b) peer {b:.1f} img/s; (c) pipe {c:.1f} img/s "
+              f"(less {startup:.1f} s start-up)", flush=True)
+        if by_policy:
+            print("    ceiling by OpenMP wait policy: " + ", ".join(f"{k} {v:.1f}" for k, v in by_policy.items()))
         print(f"    c/a {c / a:.2f}   c/achievable {c / achievable:.2f}   c/b {c / b:.2f}", flush=True)
         print("    one-core decode, ms/img: " + ", ".join(f"{k} {1000 * v:.1f}" for k, v in costs.items()), flush=True)
+        if sched:
+            plain, _ = time_pipe(model, root, n, device, env={"PIPE_SCHED": "default"})
+            results[model]["pipe_with_PIPE_SCHED_default"] = plain
+            print(f"    pipe with PIPE_SCHED=default (threads spin, workers at normal priority): {plain:.1f} img/s; "
+                  f"pipe's core sharing gains x{c / plain:.2f}", flush=True)
     return results
 
 
-def ceiling_child(model: str, batch_size: int) -> None:
-    """Print the ceiling of ``model`` at ``batch_size`` with this process's allocator settings."""
+def ceiling_child(model: str, batch_size: int, fold: bool) -> None:
+    """Print the ceiling of ``model`` at ``batch_size`` with this process's allocator and
+    OpenMP settings."""
     if os.environ.get("PIPE_MALLOC") != "system":
         keep_large_buffers()
     spec = resolve_backbone(model, weights_for(model))
     n = max(4, -(-512 // batch_size)) * batch_size  # at least 512 images: seconds, not a blip
     pixels = torch.randint(0, 256, (n, 3, spec.transform.crop, spec.transform.crop), dtype=torch.uint8)
     started = os.times()
-    rate = time_ceiling(spec, pixels, batch_size)
+    rate = time_ceiling(spec, pixels, batch_size, fold=fold)
     used = os.times()
     print(json.dumps({"rate": rate, "user": used.user - started.user, "system": used.system - started.system}))
+
+
+# OpenMP's wait policy is process state, read when torch loads: the ceiling is measured both ways
+OMP_POLICIES = {"OpenMP default (spin)": {}, "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"}}
+
+
+def ceiling_in_child(model: str, batch_size: int, env: dict, fold: bool = True) -> dict:
+    """:func:`ceiling_child` in a fresh process with ``env`` added to the environment."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "PIPE_MALLOC")}
+    out = subprocess.run([sys.executable, __file__, "--ceiling-child", model, str(batch_size), str(int(fold))],
+                         env={**clean, **env}, capture_output=True, text=True, check=True, cwd=REPO)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def best_cpu_ceiling(model: str, batch_size: int, fold: bool = True) -> tuple[float, dict]:
+    """The model alone at its best OpenMP wait policy, and the rate under each."""
+    rates = {name: ceiling_in_child(model, batch_size, env, fold)["rate"] for name, env in OMP_POLICIES.items()}
+    return max(rates.values()), rates
 
 
 def allocator_and_batch(models: list[str], batch_sizes: list[int]) -> dict:
@@ -225,10 +268,8 @@ def allocator_and_batch(models: list[str], batch_sizes: list[int]) -> dict:
     for model in models:
         for batch_size in batch_sizes:
             for allocator in ("glibc default", "keep large buffers (pipe)"):
-                env = {**os.environ, "PIPE_MALLOC": "system" if allocator == "glibc default" else "pipe"}
-                out = subprocess.run([sys.executable, __file__, "--ceiling-child", model, str(batch_size)], env=env,
-                                     capture_output=True, text=True, check=True, cwd=REPO)
-                measured = json.loads(out.stdout.strip().splitlines()[-1])
+                env = {"PIPE_MALLOC": "system" if allocator == "glibc default" else "pipe"}
+                measured = ceiling_in_child(model, batch_size, env)
                 results[f"{model} batch {batch_size} {allocator}"] = measured
                 print(f"{model:<20} batch {batch_size:<4} {allocator:<26} {measured['rate']:6.1f} img/s  "
                       f"(user {measured['user']:.1f} s, sys {measured['system']:.1f} s)", flush=True)
@@ -351,11 +392,13 @@ def main() -> None:
                         help="also measure the ceiling with glibc's default allocator settings")
     parser.add_argument("--batch-sizes", default=None, help="also measure the ceiling at these batch sizes, e.g. 16,32,64")
     parser.add_argument("--compile", action="store_true", help="also measure what torch.compile gains")
-    parser.add_argument("--ceiling-child", nargs=2, metavar=("MODEL", "BATCH"), help=argparse.SUPPRESS)
+    parser.add_argument("--sched", action="store_true",
+                        help="also time pipe with PIPE_SCHED=default: what sharing the cores gains")
+    parser.add_argument("--ceiling-child", nargs=3, metavar=("MODEL", "BATCH", "FOLD"), help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.ceiling_child:
-        return ceiling_child(args.ceiling_child[0], int(args.ceiling_child[1]))
+        return ceiling_child(args.ceiling_child[0], int(args.ceiling_child[1]), args.ceiling_child[2] == "1")
     keep_large_buffers()  # as pipe's own processes do: every side of a comparison runs with it
     models = args.models.split(",")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
@@ -369,7 +412,7 @@ def main() -> None:
         widths = tuple(int(w) for w in args.widths.split(","))
         photos = Path(args.photos) if args.photos else make_photo_folder(Path(tmp) / "photos", args.images, widths=widths)
         warm_page_cache(photos)
-        report["speed"] = speed(models, args.images, photos, args.device)
+        report["speed"] = speed(models, args.images, photos, args.device, args.sched)
         if args.compile:
             report["compile"] = compile_gain(models, default_batch_size(torch.device("cpu")))
         if not args.skip_quality:

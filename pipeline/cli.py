@@ -9,6 +9,7 @@ import click
 
 from . import __version__
 from .allocator import keep_large_buffers
+from .cpu_sharing import let_threads_sleep
 from .cli_options import (DEFAULT_FEATURES, DEFAULT_HEAD, DEFAULT_METRICS, DEFAULT_REPORT, MAX_LR, MAX_WORKERS,
                           POSITIVE, SEED, FiniteFloat, FloatList, PipeGroup, Shard, backbone_options, config_option,
                           device_option, ensure_parent, global_flags)
@@ -22,12 +23,20 @@ from .cli_options import (DEFAULT_FEATURES, DEFAULT_HEAD, DEFAULT_METRICS, DEFAU
 def main(ctx, quiet, debug):
     """Transfer learning by feature extraction: extract once, train heads in seconds."""
     keep_large_buffers()  # before torch allocates anything: see pipeline.allocator
+    if ctx.invoked_subcommand in ("extract", "predict"):
+        let_threads_sleep()  # before torch loads: see pipeline.cpu_sharing
     ctx.obj = {"quiet": quiet, "debug": debug}
 
 
 @main.command()
 @global_flags
-@click.argument("data", type=click.Path(file_okay=False))
+@click.argument("data", required=False, type=click.Path(file_okay=False))
+@click.option("--manifest", "manifest_file", default=None, type=click.Path(dir_okay=False),
+              help="A CSV, TSV or Parquet table of the images (columns path, label, optional split) instead of DATA.")
+@click.option("--root", default=None, type=click.Path(file_okay=False),
+              help="Folder the manifest's relative paths start from [default: the manifest's folder].")
+@click.option("--label-sep", default="|", show_default=True,
+              help="Separates the labels of a multi-label manifest cell.")
 @backbone_options
 @click.option("--out", default=DEFAULT_FEATURES, show_default=True, type=click.Path(dir_okay=False))
 @click.option("--batch-size", default=None, type=POSITIVE, help="Images per forward pass [default: 32 on CPU, 256 on CUDA].")
@@ -59,7 +68,7 @@ def main(ctx, quiet, debug):
 @config_option
 @click.pass_obj
 def extract(obj, data, **options):
-    """Run the frozen backbone once over DATA and cache pooled features (HDF5)."""
+    """Run the frozen backbone once over DATA (or a --manifest table) and cache pooled features (HDF5)."""
     from .extract import extract_features
 
     s = extract_features(data, progress=not obj["quiet"], **options)
@@ -115,7 +124,8 @@ def merge(shards, out, overwrite):
               help="Mini-batch path: most epochs (early stopping on val) [30].")
 @config_option
 def train_head(features, out, kind, **params):
-    """Train a linear head on cached FEATURES, choosing the L2 strength on validation data."""
+    """Train a linear head on cached FEATURES (multi-label files: one logistic head per class with
+    its own threshold), choosing the L2 strength on validation data."""
     from .train import train_head as train
 
     params = {k: v for k, v in params.items() if v is not None}
@@ -124,17 +134,18 @@ def train_head(features, out, kind, **params):
     head, probe = train(features, out, kind, **params)
     selection = probe.selection_
     if probe.grid_scores_:
-        label = "cv" if selection.method == "cv" else "val"
-        click.echo(f"strength    {label} accuracy")
+        label = f"{'cv' if selection.method == 'cv' else 'val'} {probe.score_name}"
+        click.echo(f"strength    {label}")
         sweep_stops = probe.stop_.get("sweep") or [None] * len(probe.grid_scores_)
         for (strength, accuracy), stop in zip(probe.grid_scores_, sweep_stops):
             note = f"  (stopped: {stop})" if stop not in (None, "converged") else ""
             mark = "  <- chosen" if strength == probe.best_strength_ else ""
             click.echo(f"{strength:<10.3g}  {accuracy:.4f}{note}{mark}")
-        chosen = f"{label} accuracy {dict(probe.grid_scores_)[probe.best_strength_]:.4f}, {selection.describe()}"
+        chosen = f"{label} {dict(probe.grid_scores_)[probe.best_strength_]:.4f}, {selection.describe()}"
     else:
         chosen = selection.describe()
-    click.echo(f"{kind} head: strength {probe.best_strength_:.3g} ({chosen}), "
+    what = f"{kind} multi-label" if head.kind == "multilabel" else kind
+    click.echo(f"{what} head: strength {probe.best_strength_:.3g} ({chosen}), "
                f"trained in {probe.fit_seconds_:.2f} s -> {out}")
     for warning in probe.warnings_:
         click.echo(f"warning: {warning}", err=True)
@@ -152,10 +163,10 @@ def train_head(features, out, kind, **params):
 def evaluate(features, head, split, json_path, ci):
     """Score a head on a split of the cached features; print and save metrics."""
     from .evaluate import evaluate_head
-    from .metrics import format_report
+    from .metrics import format_multilabel_report, format_report
 
     report = evaluate_head(features, head, split, ci)
-    click.echo(format_report(report))
+    click.echo(format_multilabel_report(report) if "mAP" in report else format_report(report))
     Path(ensure_parent(json_path)).write_text(json.dumps(report, indent=2))
     click.echo(f"metrics -> {json_path}")
 
@@ -185,7 +196,8 @@ def report(features, head, split, out, seed):
 @global_flags
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("--head", default=DEFAULT_HEAD, show_default=True, type=click.Path(dir_okay=False))
-@click.option("--topk", default=3, show_default=True, type=POSITIVE, help="Classes shown per image.")
+@click.option("--topk", default=3, show_default=True, type=POSITIVE,
+              help="Classes shown per image (a multi-label head shows every class above its threshold).")
 @device_option
 @click.option("--batch-size", default=32, show_default=True, type=POSITIVE)
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
@@ -202,7 +214,8 @@ def predict(inputs, head, topk, device, batch_size, json_path):
         if p.error:
             click.echo(f"{p.path}: skipped ({p.error})")
         else:
-            click.echo(f"{p.path}: " + ", ".join(f"{name} {prob:.3f}" for name, prob in p.top))
+            shown = ", ".join(f"{name} {prob:.3f}" for name, prob in p.top)
+            click.echo(f"{p.path}: {shown or '(no class reaches its threshold)'}")
     if json_path:
         Path(ensure_parent(json_path)).write_text(json.dumps(predictions_json(predictions, head), indent=2))
         click.echo(f"predictions -> {json_path}")

@@ -11,6 +11,7 @@ by PIL in every case. Finding the files is :mod:`pipeline.scan`.
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from .allocator import keep_large_buffers
+from .cpu_sharing import yield_to_model
 
 DECODES = ("draft", "full", "device")
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -222,12 +224,17 @@ def decode_for(full_decode: bool, device: torch.device) -> str:
     return "device" if device.type == "cuda" else "full"
 
 
-def _worker_start(worker_id: int) -> None:
+def _worker_start(share_cores: bool, worker_id: int) -> None:
     keep_large_buffers()  # also under the spawn and forkserver start methods, which do not inherit it
+    if share_cores:
+        yield_to_model()
 
 
-def image_loader(dataset: ImageFiles, batch_size: int, workers: int, pin_memory: bool = False):
-    """A DataLoader of :class:`ImageBatch` es over ``dataset``, decoding in ``workers`` processes."""
+def image_loader(dataset: ImageFiles, batch_size: int, workers: int, device: torch.device):
+    """A DataLoader of :class:`ImageBatch` es over ``dataset``, decoding in ``workers`` processes
+    for a model on ``device``: on the CPU the workers decode only on cores the model leaves
+    idle (:func:`pipeline.cpu_sharing.yield_to_model`); for CUDA batches come in pinned memory."""
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory, collate_fn=dataset.collate,
-        worker_init_fn=_worker_start if workers else None, prefetch_factor=4 if workers else None)
+        dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+        collate_fn=dataset.collate, prefetch_factor=4 if workers else None,
+        worker_init_fn=functools.partial(_worker_start, device.type == "cpu") if workers else None)

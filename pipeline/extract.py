@@ -9,7 +9,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -17,6 +17,7 @@ from tqdm import tqdm
 from . import __version__
 from .devices import default_batch_size, default_workers, resolve_device
 from .errors import PipeError
+from .manifest import read_manifest
 from .scan import DEFAULT_SPLIT_FRACTIONS, display_path, scan_image_folder, split_warnings
 from .store import FEATURE_DTYPES, ExtractionCache, Rows, is_up_to_date
 
@@ -24,7 +25,7 @@ from .store import FEATURE_DTYPES, ExtractionCache, Rows, is_up_to_date
 if TYPE_CHECKING:
     import torch
 
-    from .backbones import Backbone
+    from .backbones import Backbone, BackboneSpec
 
 
 @dataclass
@@ -48,17 +49,25 @@ class ExtractSummary:
 
 class FeatureExtractor:
     """Runs a :class:`Backbone` on uint8 image batches: normalisation on the device,
-    channels_last, autocast on CUDA, eval mode and ``inference_mode``.
+    channels_last, BatchNorm folded into the convolutions (:mod:`pipeline.backbones.folding`),
+    autocast on CUDA, eval mode and ``inference_mode``.
 
     ``compile_batch`` compiles the module with ``torch.compile`` for that batch size; smaller
-    batches (the last one) are zero-padded to it, so the graph compiles once."""
+    batches (the last one) are zero-padded to it, so the graph compiles once. ``fold=False``
+    leaves the BatchNorms as they are (bench/extract.py measures what folding gains)."""
 
-    def __init__(self, backbone: Backbone, device: torch.device, compile_batch: int | None = None):
+    def __init__(self, backbone: Backbone, device: torch.device, compile_batch: int | None = None, fold: bool = True):
         import torch
+
+        from .backbones.folding import fold_batchnorm
 
         self.backbone = backbone
         self.device = device
         self.module = backbone.module.to(device).to(memory_format=torch.channels_last)
+        crop = backbone.spec.transform.crop
+        example = torch.randn(2, 3, crop, crop, generator=torch.Generator().manual_seed(0))
+        example = example.to(device).contiguous(memory_format=torch.channels_last)
+        self.folded = fold_batchnorm(self.module, example) if fold else 0
         self.compile_batch = compile_batch
         if compile_batch:
             self.module = torch.compile(self.module, dynamic=False)
@@ -84,7 +93,7 @@ def _check_options(dtype: str, batch_size: int | None, checkpoint_every: int) ->
 
 
 def extract_features(
-    data_root,
+    data_root=None,
     model: str = "efficientnet_lite0",
     weights: str = "DEFAULT",
     out="cache/features.h5",
@@ -105,8 +114,14 @@ def extract_features(
     tta: str | None = None,
     full_decode: bool | None = None,
     compile: bool = False,
+    manifest_file=None,
+    root=None,
+    label_sep: str = "|",
 ) -> ExtractSummary:
-    """Extract features for every image under ``data_root`` into ``out`` (HDF5).
+    """Extract features for every image under ``data_root``, or listed in the table
+    ``manifest_file`` (CSV, TSV or Parquet; paths relative to ``root``, by default the table's
+    folder; ``label_sep`` separates the labels of a multi-label cell: :mod:`pipeline.manifest`),
+    into ``out`` (HDF5).
 
     Only images not already in ``out`` (same path, size and mtime, same fingerprint) are run
     through the backbone; results are committed in parts every ``checkpoint_every`` images,
@@ -123,15 +138,24 @@ def extract_features(
     """
     _check_options(dtype, batch_size, checkpoint_every)
     started = time.perf_counter()
-    manifest = scan_image_folder(data_root, split_fractions, seed)
+    if (data_root is None) == (manifest_file is None):
+        raise PipeError("give either a data folder or --manifest FILE (not both)")
+    if root is not None and manifest_file is None:
+        raise PipeError("--root applies to --manifest only")
+    manifest = (scan_image_folder(data_root, split_fractions, seed) if manifest_file is None
+                else read_manifest(manifest_file, root, label_sep, split_fractions, seed))
     selected = np.arange(len(manifest)) if shard is None else _shard_rows(len(manifest), *shard)
     rows = Rows([display_path(manifest.paths[i]) for i in selected], manifest.size[selected],
                 manifest.mtime_ns[selected], [manifest.paths[i] for i in selected])
     request = _request(model, weights, image_size, dtype, layer, pool, tta, full_decode)
     labels, split = manifest.labels[selected], manifest.split[selected]
-    warnings = [] if manifest.given_splits else split_warnings(labels, split, len(manifest.classes), split_fractions)
+    targets = None if manifest.targets is None else manifest.targets[selected]
+    warnings = list(manifest.notes)
+    if not manifest.given_splits:
+        warnings += split_warnings(labels if targets is None else targets, split, len(manifest.classes),
+                                   split_fractions)
     if not overwrite and int(os.environ.get("WORLD_SIZE", "1")) == 1 and \
-            is_up_to_date(out, request, rows, labels, split, manifest.classes):
+            is_up_to_date(out, request, rows, labels, split, manifest.classes, targets):
         return ExtractSummary(out=Path(out), total=len(rows.paths), extracted=0, reused=len(rows.paths),
                               seconds=time.perf_counter() - started, written=False, warnings=warnings)
     from .backbones import resolve_backbone
@@ -154,8 +178,9 @@ def extract_features(
         def run_my_share() -> list[tuple[str, str]]:
             if not mine:
                 return []
-            run = FeatureExtractor(spec.build(), group.device(target), batch_size if compile else None)
-            return _run(run, manifest.root, mine, rows, cache, batch_size, workers, checkpoint_every,
+            on = group.device(target)
+            return _run(spec, on, lambda: FeatureExtractor(spec.build(), on, batch_size if compile else None),
+                        manifest.root, mine, rows, cache, batch_size, workers, checkpoint_every,
                         progress and group.is_leader)
 
         failed = [f for rank_failed in group.gather(run_my_share) for f in rank_failed]
@@ -166,11 +191,12 @@ def extract_features(
         attrs = {
             "classes": manifest.classes, "model": spec.name, "weights": spec.weights.given, "weights_id": spec.weights.id,
             "transform": spec.transform.to_dict(), "identity": spec.identity, "fingerprint": spec.fingerprint,
-            "dtype": dtype, "pipe_version": __version__, "data_root": str(Path(data_root).resolve()),
+            "dtype": dtype, "pipe_version": __version__, "data_root": str(manifest.root.resolve()),
             "split_seed": seed, "split_fractions": list(split_fractions), "given_splits": manifest.given_splits,
             "request": request, **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {}),
+            **({"manifest": str(Path(manifest_file).resolve())} if manifest_file is not None else {}),
         }
-        committed = group.leader_then_all(lambda: cache.commit(rows, labels, split, attrs))
+        committed = group.leader_then_all(lambda: cache.commit(rows, labels, split, attrs, targets))
     finally:
         cache.release()
         group.close()
@@ -242,18 +268,19 @@ class _PartBuffer:
         self.done, self.features, self.failed, self.reasons = [], [], [], []
 
 
-def _run(run: FeatureExtractor, root, todo: list[int], rows: Rows, cache: ExtractionCache, batch_size: int,
-         workers: int, checkpoint_every: int, progress: bool) -> list[tuple[str, str]]:
+def _run(spec: BackboneSpec, device: torch.device, make_run: Callable[[], FeatureExtractor], root,
+         todo: list[int], rows: Rows, cache: ExtractionCache, batch_size: int, workers: int,
+         checkpoint_every: int, progress: bool) -> list[tuple[str, str]]:
     """The extraction loop over manifest rows ``todo``: decode in DataLoader workers (JPEGs on the
-    GPU when there is one), forward with ``run``, commit a part every ``checkpoint_every`` images.
-    Returns the failures."""
+    GPU when there is one), forward with the extractor ``make_run`` builds, commit a part every
+    ``checkpoint_every`` images. The workers start decoding before the model is built, so the
+    first batches are ready when it is. Returns the failures."""
     from .data import ImageFiles, decode_for, image_loader
     from .device_decode import decode_batch
 
-    spec = run.backbone.spec
-    dataset = ImageFiles(root, [rows.source_paths[i] for i in todo], spec.transform,
-                         decode_for(spec.full_decode, run.device))
-    loader = image_loader(dataset, batch_size, workers, pin_memory=run.device.type == "cuda")
+    dataset = ImageFiles(root, [rows.source_paths[i] for i in todo], spec.transform, decode_for(spec.full_decode, device))
+    loader = iter(image_loader(dataset, batch_size, workers, device))  # starts the workers
+    run = make_run()
     failures = []
     with ThreadPoolExecutor(max_workers=1) as writer, \
             tqdm(total=len(todo), unit="img", disable=not progress, desc="extract", dynamic_ncols=True) as bar:

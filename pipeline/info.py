@@ -17,7 +17,8 @@ def _describe_features(path: Path, show_failed: bool) -> list[str]:
         f"model         {fs.attrs['model']} (weights {fs.attrs['weights']}: {fs.attrs['weights_id']})",
         f"features      {len(fs)} x {fs.attrs['feature_dim']} {fs.attrs['dtype']}  ({counts})",
         f"transform     {fs.attrs['transform']}",
-        f"classes       {len(fs.classes)}: {', '.join(fs.classes)}",
+        f"classes       {len(fs.classes)}: {', '.join(fs.classes)}"
+        + (f" (multi-label: {fs.targets.sum() / max(len(fs), 1):.2f} labels per image)" if fs.multilabel else ""),
         f"fingerprint   {fs.fingerprint}",
         f"failed        {len(fs.failed_paths)} image(s)" + ("" if show_failed or not fs.failed_paths
                                                             else " (list them with --failed)"),

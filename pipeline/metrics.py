@@ -45,6 +45,60 @@ def classification_report(y_true, proba, classes):
     }
 
 
+def average_precisions(targets, proba):
+    """Each class's average precision (C,) of ``proba`` (N, C) against multi-hot ``targets``
+    (N, C) (scikit-learn's step-wise AP); NaN for a class with no positive."""
+    targets = np.asarray(targets)
+    present = targets.any(axis=0)
+    ap = np.full(targets.shape[1], np.nan)
+    if present.any():
+        ap[present] = np.atleast_1d(metrics.average_precision_score(targets[:, present], np.asarray(proba)[:, present],
+                                                                    average=None))
+    return ap
+
+
+def multilabel_report(targets, proba, thresholds, classes):
+    """Multi-label metrics of ``proba`` (N, C) against multi-hot ``targets``, a class predicted
+    where its probability reaches its ``thresholds`` entry. Returns plain Python types: ``mAP``
+    (mean AP over the classes with a positive), ``per_class`` (name -> ap (None without a
+    positive), precision, recall, f1, support, threshold), ``micro_f1``, ``macro_f1`` (over all
+    classes), ``subset_accuracy`` (every label of an image right), ``n`` and ``classes``."""
+    targets, proba = np.asarray(targets), np.asarray(proba)
+    predicted = (proba >= np.asarray(thresholds)).astype(np.uint8)
+    ap = average_precisions(targets, proba)
+    precision, recall, f1, support = metrics.precision_recall_fscore_support(targets, predicted, zero_division=0)
+    per_class = {
+        name: {"ap": None if np.isnan(a) else float(a), "precision": float(p), "recall": float(r), "f1": float(f),
+               "support": int(n), "threshold": float(t)}
+        for name, a, p, r, f, n, t in zip(classes, ap, precision, recall, f1, support, thresholds)
+    }
+    return {
+        "mAP": float(np.nanmean(ap)) if not np.isnan(ap).all() else None,
+        "per_class": per_class,
+        "micro_f1": float(metrics.f1_score(targets, predicted, average="micro", zero_division=0)),
+        "macro_f1": float(f1.mean()),
+        "subset_accuracy": float((predicted == targets).all(axis=1).mean()),
+        "n": int(len(targets)),
+        "classes": list(classes),
+    }
+
+
+def format_multilabel_report(report):
+    """A :func:`multilabel_report` as a readable text block: headline and per-class table."""
+    score = lambda value: "   n/a" if value is None else f"{value:.4f}"  # noqa: E731
+    lines = [f"mAP                {score(report['mAP'])}   (n = {report['n']})",
+             f"micro F1           {report['micro_f1']:.4f}",
+             f"macro F1           {report['macro_f1']:.4f}",
+             f"subset accuracy    {report['subset_accuracy']:.4f}", ""]
+    width = max(len("class"), *map(len, report["classes"]))
+    lines.append(f"{'class':<{width}}      AP  precision  recall     f1  support  threshold")
+    for name in report["classes"]:
+        row = report["per_class"][name]
+        lines.append(f"{name:<{width}}  {score(row['ap'])}  {row['precision']:9.3f}  {row['recall']:6.3f}  "
+                     f"{row['f1']:5.3f}  {row['support']:7d}  {row['threshold']:9.3f}")
+    return "\n".join(lines)
+
+
 def resample_scores(y_true, y_pred, weights, n_classes):
     """Accuracy, balanced accuracy and macro-F1 (as :func:`classification_report` computes
     them) of R resamples at once: ``weights`` (R, N) counts how often each prediction is drawn.

@@ -20,7 +20,8 @@ from .heads import Head
 
 @dataclass
 class Prediction:
-    """Top-k classes of one image, or the reason it could not be read."""
+    """The classes shown for one image (its top k; for a multi-label head, every class at or
+    above its threshold), or the reason it could not be read."""
 
     path: str
     top: list[tuple[str, float]]
@@ -28,12 +29,14 @@ class Prediction:
 
 
 def predictions_json(predictions: list[Prediction], head: Head) -> dict:
-    """``pipe predict --json``: each image's top-k classes with their probabilities (in full
+    """``pipe predict --json``: each image's classes shown (top-k, or those above their thresholds
+    for a multi-label head, whose thresholds are listed too) with their probabilities (in full
     float32 precision), or why it was skipped, in input order, with the head they came from."""
     return {
         "head": head.path,
         "fingerprint": head.fingerprint,
         "classes": list(head.classes),
+        **({"thresholds": dict(zip(head.classes, map(float, head.thresholds)))} if head.kind == "multilabel" else {}),
         "predictions": [
             {"path": p.path, "top": [{"class": name, "probability": probability} for name, probability in p.top],
              **({"error": p.error} if p.error else {})}
@@ -80,7 +83,7 @@ def predict_images(head: Head, inputs, topk: int = 5, device: str = "auto", batc
     run = FeatureExtractor(backbone, resolve_device(device))
     transform = backbone.spec.transform
     dataset = ImageFiles(Path("."), [str(p) for p in files], transform, decode_for(backbone.spec.full_decode, run.device))
-    loader = image_loader(dataset, batch_size, workers)
+    loader = image_loader(dataset, batch_size, workers, run.device)
     k = min(topk, len(head.classes))
     storage = np.dtype(backbone.spec.dtype)
     results = []
@@ -94,7 +97,5 @@ def predict_images(head: Head, inputs, topk: int = 5, device: str = "auto", batc
             if errors[j]:
                 results.append(Prediction(str(files[i]), [], errors[j]))
                 continue
-            p = proba[row[j]]
-            order = np.argsort(-p)[:k]
-            results.append(Prediction(str(files[i]), [(head.classes[c], float(p[c])) for c in order]))
+            results.append(Prediction(str(files[i]), head.top_labels(proba[row[j]], k)))
     return results

@@ -27,9 +27,12 @@ MIN_EVAL_PER_CLASS = 10
 class Manifest:
     """The images of a data root: what to extract and how each is labelled.
 
-    ``paths`` are relative to ``root`` with ``/`` separators, sorted; ``size`` and
-    ``mtime_ns`` identify each file's content for incremental extraction (-1 when the file
-    cannot be stat-ed, e.g. a broken symlink).
+    ``paths`` are relative to ``root`` with ``/`` separators (or absolute, from a manifest
+    table), sorted; ``size`` and ``mtime_ns`` identify each file's content for incremental
+    extraction (-1 when the file cannot be stat-ed, e.g. a broken symlink). ``targets`` (N, C)
+    uint8 is the multi-hot label matrix of a multi-label set (``labels`` are then -1: a row has
+    several), None for one label per image; ``notes`` are lines worth showing the user (e.g.
+    ignored manifest columns).
     """
 
     root: Path
@@ -40,6 +43,8 @@ class Manifest:
     size: np.ndarray
     mtime_ns: np.ndarray
     given_splits: bool
+    targets: np.ndarray | None = None
+    notes: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -67,7 +72,7 @@ def _images_under(class_dir: Path) -> list[Path]:
     return found
 
 
-def _stat_key(path: Path) -> tuple[int, int]:
+def stat_key(path: Path) -> tuple[int, int]:
     try:
         st = path.stat()
     except OSError:
@@ -104,20 +109,32 @@ def stratified_split(
     return split.astype(str) if len(paths) else np.array([], dtype=str)
 
 
+def split_strata(targets) -> np.ndarray:
+    """One class per row of a multi-hot matrix (N, C) to stratify by: the row's rarest class
+    (fewest positives over all rows), so that rare classes are spread over the splits first."""
+    targets = np.asarray(targets, dtype=bool)
+    frequency = targets.sum(axis=0)
+    return np.where(targets, frequency, np.iinfo(np.int64).max).argmin(axis=1).astype(np.int64)
+
+
 def split_warnings(labels, split, n_classes, fractions=DEFAULT_SPLIT_FRACTIONS,
                    minimum: int = MIN_EVAL_PER_CLASS) -> list[str]:
     """One line for each of val and test whose share of an automatic split holds fewer than
-    ``minimum`` images of some class (a split given a fraction of 0 is left alone)."""
+    ``minimum`` images of some class (a split given a fraction of 0 is left alone). ``labels``
+    are class indices (N,) or a multi-hot matrix (N, C), whose rows count for each of their
+    classes."""
     warnings = []
+    labels = np.asarray(labels)
     for name, fraction in (("val", fractions[1]), ("test", fractions[2])):
-        counts = np.bincount(np.asarray(labels)[np.asarray(split) == name], minlength=n_classes)
+        here = labels[np.asarray(split) == name]
+        counts = here.sum(axis=0) if labels.ndim == 2 else np.bincount(here, minlength=n_classes)
         if fraction > 0 and counts.min() < minimum:
             held = (f"no {name} images" if not counts.any() else
-                    f"{counts.sum()} {name} images, {counts.min()} to {counts.max()} per class")
+                    f"{len(here)} {name} images, {counts.min()} to {counts.max()} per class")
             warnings.append(
                 f"the automatic split left {held} (fewer than {minimum} in {(counts < minimum).sum()} of "
-                f"{n_classes} classes): an accuracy measured on so few is noisy; add images or give train/ val/ test/ "
-                "folders")
+                f"{n_classes} classes): an accuracy measured on so few is noisy; add images or give the split "
+                "yourself (train/ val/ test/ folders, or a manifest's split column)")
     return warnings
 
 
@@ -141,7 +158,7 @@ def scan_image_folder(root, split_fractions=DEFAULT_SPLIT_FRACTIONS, seed: int =
     for split_name, folder in groups:
         for cls in _class_dirs(folder):
             for path in _images_under(folder / cls):
-                rows.append((path.relative_to(root).as_posix(), index[cls], split_name, _stat_key(path)))
+                rows.append((path.relative_to(root).as_posix(), index[cls], split_name, stat_key(path)))
     if not rows:
         raise PipeError(f"{root} has class folders but no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     rows.sort(key=lambda r: r[0])

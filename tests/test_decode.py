@@ -64,7 +64,7 @@ def mixed_folder(tmp_path):
 
 
 def pixels_of(folder, names, decode, device="cpu") -> tuple[torch.Tensor, list[str]]:
-    loader = image_loader(ImageFiles(folder, names, TRANSFORM, decode), batch_size=len(names), workers=0)
+    loader = image_loader(ImageFiles(folder, names, TRANSFORM, decode), batch_size=len(names), workers=0, device=torch.device("cpu"))
     (batch,) = list(loader)
     pixels, errors = decode_batch(batch, TRANSFORM, torch.device(device))
     return pixels.cpu(), errors

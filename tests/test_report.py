@@ -277,3 +277,15 @@ def test_files_written_by_earlier_versions_make_a_report(tmp_path):
     result = invoke("report", "--features", run / "features.h5", "--head", run / "head.pt", "--out", out)
     assert result.exit_code == 0, (result.output, result.exception)
     assert set(SECTION_IDS) <= contents(out.read_text()).ids
+
+
+def test_a_multilabel_file_is_refused_in_one_line(tmp_path):
+    data = make_image_folder(tmp_path / "data", splits={"train": 3, "test": 1}, size=24)
+    rows = [f"{p.relative_to(data).as_posix()},{p.parent.name}|shape,{p.parent.parent.name}"
+            for p in sorted(data.rglob("*.png"))]
+    (data / "manifest.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    features, head = tmp_path / "f.h5", tmp_path / "h.pt"
+    assert invoke("extract", "--manifest", data / "manifest.csv", "--out", features, *FAST_EXTRACT).exit_code == 0
+    assert invoke("train-head", features, "--out", head).exit_code == 0
+    assert_clean_error(invoke("report", "--features", features, "--head", head, "--out", tmp_path / "r.html"),
+                       "single-label")

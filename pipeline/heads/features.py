@@ -62,6 +62,18 @@ class RowSubset:
         return np.asarray(self.data[self.rows[index]])
 
 
+def standardized_parts(parts, mean, std):
+    """All rows of ``parts`` ``[(name, X, y), ...]`` as one standardised float32 matrix, written
+    chunk by chunk into place (no full-size temporaries)."""
+    X = np.empty((sum(x.shape[0] for _, x, _ in parts), parts[0][1].shape[1]), dtype=np.float32)
+    offset = 0
+    for _, x, _ in parts:
+        for start, stop in row_chunks(x.shape[0]):
+            standardize(x[start:stop], mean, std, out=X[offset + start: offset + stop])
+        offset += x.shape[0]
+    return X
+
+
 def check_split(X, y, name):
     """Validate one split's shapes and labels; return ``y`` as int64."""
     if getattr(X, "ndim", len(getattr(X, "shape", ()))) != 2:

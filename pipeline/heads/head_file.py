@@ -90,6 +90,12 @@ class Head:
         """Predicted class indices (N,) int64 (indices into ``classes``)."""
         return self.predict_proba(X).argmax(axis=1).astype(np.int64)
 
+    def top_labels(self, probabilities, k):
+        """What ``pipe predict`` shows for one image's ``probabilities`` (C,): the ``k`` most
+        probable classes as ``(name, probability)``, most probable first."""
+        order = np.argsort(-probabilities)[:k]
+        return [(self.classes[c], float(probabilities[c])) for c in order]
+
     def check_features(self, X):
         """Raise :class:`PipeError` unless ``X`` has the head's number of dimensions."""
         if X.shape[1] != self.feature_dim:

@@ -30,6 +30,7 @@ from pipeline.devices import resolve_device
 from pipeline.errors import PipeError
 from pipeline.heads.features import (
     CHUNK_ROWS, check_split, class_weights, feature_stats, parts_accuracies, row_chunks, standardize,
+    standardized_parts,
 )
 from pipeline.heads.head_file import LinearHead
 from pipeline.heads.lbfgs import CONVERGED, LINE_SEARCH, MAX_ITER
@@ -39,6 +40,14 @@ from pipeline.heads.selection import DEFAULT_STRENGTH, merge_records, plan_selec
 DEFAULT_GRID = tuple(float(s) for s in np.logspace(-6, 0, 16))
 MAX_STRENGTH = 1e6  # far past any useful strength (every weight ~0); float32 still holds its square
 PATIENCE_EPOCHS = 3
+
+
+def strength_grid(grid) -> list[float]:
+    """The L2 strengths to sweep (``DEFAULT_GRID`` for None), checked."""
+    strengths = [float(s) for s in (DEFAULT_GRID if grid is None else grid)]
+    if not strengths or not all(np.isfinite(s) and 0 < s <= MAX_STRENGTH for s in strengths):
+        raise PipeError(f"L2 strengths must be positive numbers up to {MAX_STRENGTH:g}, got {strengths}")
+    return strengths
 
 
 class _SweepProbe:
@@ -62,6 +71,7 @@ class _SweepProbe:
     """
 
     trainer = ""
+    score_name = "accuracy"  # what grid_scores_ hold
 
     def __init__(self, *, grid, balanced, seed, max_iter, tol, standardize, selection):
         self.grid = grid
@@ -85,9 +95,7 @@ class _SweepProbe:
         on train + val, and ``grid_scores_`` is empty. Returns ``self``.
         """
         started = time.perf_counter()
-        self.grid_ = [float(s) for s in (DEFAULT_GRID if self.grid is None else self.grid)]
-        if not self.grid_ or not all(np.isfinite(s) and 0 < s <= MAX_STRENGTH for s in self.grid_):
-            raise PipeError(f"L2 strengths must be positive numbers up to {MAX_STRENGTH:g}, got {self.grid_}")
+        self.grid_ = strength_grid(self.grid)
         y_train = check_split(X_train, y_train, "train")
         if (X_val is None) != (y_val is None):
             raise PipeError("give both validation features and labels, or neither")
@@ -212,14 +220,8 @@ class _SweepProbe:
 
     def _encoded(self, parts):
         """Standardised float32 features and class positions (into ``classes_``) of ``parts``."""
-        X = np.empty((sum(x.shape[0] for _, x, _ in parts), parts[0][1].shape[1]), dtype=np.float32)
-        offset = 0
-        for _, x, _ in parts:  # chunk by chunk into place: no full-size temporaries
-            for start, stop in row_chunks(x.shape[0]):
-                standardize(x[start:stop], self.mean_, self.std_, out=X[offset + start: offset + stop])
-            offset += x.shape[0]
         y = np.searchsorted(self.classes_, np.concatenate([labels for _, _, labels in parts]))
-        return X, y
+        return standardized_parts(parts, self.mean_, self.std_), y
 
     def _fit_grid(self, parts, val):
         """One model per strength of ``grid_`` on ``parts``; ``val`` are the parts it will be
@@ -398,24 +400,30 @@ class SklearnProbe(_SweepProbe):
         with the same penalty is ``[-w/2, w/2]``, which needs ``C = 2 / (lambda * n)``.
         """
         binary = len(self.classes_) == 2
-        model = LogisticRegression(
-            C=(2.0 if binary else 1.0) / (strength * len(y)), solver="lbfgs",
-            max_iter=self.max_iter, tol=self.tol, class_weight="balanced" if self.balanced else None,
-        )
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)  # reported via stop_ and converged_
-            model.fit(X, y)
-        for warning in caught:  # pass the others on
-            if not issubclass(warning.category, ConvergenceWarning):
-                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-        n_iter = int(np.max(model.n_iter_))
-        stop = CONVERGED
-        if any(issubclass(warning.category, ConvergenceWarning) for warning in caught):
-            stop = MAX_ITER if n_iter >= self.max_iter else LINE_SEARCH
-        weight, bias = model.coef_.astype(np.float32), model.intercept_.astype(np.float32)
+        weight, bias, n_iter, stop = sklearn_logistic(
+            X, y, (2.0 if binary else 1.0) / (strength * len(y)), max_iter=self.max_iter, tol=self.tol,
+            class_weight="balanced" if self.balanced else None)
         if binary:
             weight, bias = np.concatenate([-weight, weight]) / 2, np.concatenate([-bias, bias]) / 2
         return weight, bias, n_iter, stop
+
+
+def sklearn_logistic(X, y, C, *, max_iter, tol, class_weight=None):
+    """One scikit-learn ``LogisticRegression(solver="lbfgs")`` fit: coefficients and
+    intercepts as float32, iterations, and why it stopped (a ConvergenceWarning means
+    ``max_iter`` when it ran that many iterations, else its line search)."""
+    model = LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, tol=tol, class_weight=class_weight)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)  # reported as the reason it stopped
+        model.fit(X, y)
+    for warning in caught:  # pass the others on
+        if not issubclass(warning.category, ConvergenceWarning):
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    n_iter = int(np.max(model.n_iter_))
+    stop = CONVERGED
+    if any(issubclass(warning.category, ConvergenceWarning) for warning in caught):
+        stop = MAX_ITER if n_iter >= max_iter else LINE_SEARCH
+    return model.coef_.astype(np.float32), model.intercept_.astype(np.float32), n_iter, stop
 
 
 PROBES = {"linear": LinearProbe, "sklearn": SklearnProbe}

@@ -134,9 +134,10 @@ def gather(features_path, head_path, split: str = "test", seed: int = 0) -> Repo
     """Read the feature file and the head, check they belong together, and compute
     everything the report shows (a bad input is a :class:`PipeError`)."""
     features = read_features(features_path)
-    if features.attrs.get("task") == "multilabel":
-        raise PipeError(f"{features.path} holds multi-label targets; pipe report covers single-label heads")
     head = load_matching_head(head_path, features)
+    if features.multilabel:
+        raise PipeError(f"{features.path} has several labels per image; pipe report covers single-label heads "
+                        "(use pipe evaluate for a multi-label head)")
     rows = features.row_indices(split)
     y = features.labels[rows]
     proba = head.predict_proba(features.features[rows])

@@ -133,10 +133,12 @@ class ExtractionCache:
             raise self._io_error(exc, self.parts.path) from None
         self._next_part += 1
 
-    def commit(self, rows: Rows, labels: np.ndarray, split: np.ndarray, attrs: dict) -> CommitResult:
+    def commit(self, rows: Rows, labels: np.ndarray, split: np.ndarray, attrs: dict,
+               targets: np.ndarray | None = None) -> CommitResult:
         """Merge reusable rows of the previous file and all parts into a new feature file for
-        exactly the images in ``rows`` (in that order), atomically replacing ``out``. Writes
-        nothing when the result would equal the previous file."""
+        exactly the images in ``rows`` (in that order), atomically replacing ``out``; the
+        labels, splits and ``targets`` (multi-label files) are the given ones, so a relabelled
+        set only rewrites the file. Writes nothing when the result would equal the previous file."""
         index = self._index()
         stored, sources, failed = [], [], []
         for i, key in enumerate(rows.keys()):
@@ -149,7 +151,8 @@ class ExtractionCache:
                 raise RuntimeError(f"no features for {key[0]}: extraction did not finish")  # a bug, not input
         keep = np.array(stored, dtype=np.int64)
         new = FileRows([rows.paths[i] for i in keep], rows.size[keep], rows.mtime_ns[keep], labels[keep],
-                       split[keep], attrs["classes"], [rows.paths[i] for i, _ in failed], [e for _, e in failed])
+                       split[keep], attrs["classes"], [rows.paths[i] for i, _ in failed], [e for _, e in failed],
+                       targets=None if targets is None else targets[keep])
         result = CommitResult(written=True, failed=list(zip(new.failed_paths, new.failed_errors)))
         old = self.previous
         if old is not None and old.attrs.get("request") == attrs.get("request") and old.same_as(new):

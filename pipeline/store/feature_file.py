@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -20,6 +20,7 @@ from ..errors import PipeError
 from .files import atomic_h5, lock_output, writable_bytes
 
 SCHEMA_VERSION = 1
+MULTILABEL = "multilabel"  # the ``task`` attribute of a file with ``targets``
 FEATURE_DTYPES = ("float16", "float32")
 _STR = h5py.string_dtype("utf-8")
 _MERGE_ROWS = 8192  # rows copied per step when merging: bounds memory on huge caches
@@ -45,7 +46,8 @@ class Rows:
 @dataclass
 class FileRows:
     """Everything a feature file holds per image except the features: the rows in file order,
-    and the images that could not be read."""
+    and the images that could not be read. ``targets`` (N, C) uint8 is the multi-hot label
+    matrix of a multi-label file (whose ``labels`` are -1), None otherwise."""
 
     paths: list[str]
     size: np.ndarray
@@ -55,6 +57,7 @@ class FileRows:
     classes: list[str]
     failed_paths: list[str]
     failed_errors: list[str]
+    targets: np.ndarray | None = field(default=None, kw_only=True)
 
     def same_as(self, other: FileRows) -> bool:
         """Whether ``other`` describes exactly the same rows and failures."""
@@ -76,6 +79,10 @@ class FeatureSet(FileRows):
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.targets is not None
 
     def split_counts(self) -> dict[str, int]:
         return {s: int((self.split == s).sum()) for s in ("train", "val", "test")}
@@ -128,6 +135,7 @@ def read_features(path, with_features: bool = True) -> FeatureSet:
                 attrs=attrs,
                 failed_paths=list(failed["paths"].asstr()[:]),
                 failed_errors=list(failed["errors"].asstr()[:]),
+                targets=f["targets"][:] if "targets" in f else None,
             )
     except PipeError:
         raise
@@ -173,10 +181,11 @@ def _estimated_size(n: int, dim: int, itemsize: int, new: FileRows) -> int:
     return n * dim * itemsize + n * (3 * 8 + 48) + strings + 256 * 1024
 
 
-def is_up_to_date(out, request: dict, rows: Rows, labels: np.ndarray, split: np.ndarray, classes: list[str]) -> bool:
+def is_up_to_date(out, request: dict, rows: Rows, labels: np.ndarray, split: np.ndarray, classes: list[str],
+                  targets: np.ndarray | None = None) -> bool:
     """True when ``out`` was made by the same ``request`` (the extraction's settings) for
-    exactly these images with no failures and no unfinished parts: nothing to do. Cheap:
-    metadata only, no lock (the file is only ever replaced atomically)."""
+    exactly these images, labels and splits with no failures and no unfinished parts: nothing
+    to do. Cheap: metadata only, no lock (the file is only ever replaced atomically)."""
     out = Path(out)
     if not out.is_file() or out.with_name(out.name + ".parts").exists():
         return False
@@ -184,7 +193,7 @@ def is_up_to_date(out, request: dict, rows: Rows, labels: np.ndarray, split: np.
         old = read_features(out, with_features=False)
     except PipeError:
         return False
-    new = FileRows(rows.paths, rows.size, rows.mtime_ns, labels, split, classes, [], [])
+    new = FileRows(rows.paths, rows.size, rows.mtime_ns, labels, split, classes, [], [], targets=targets)
     return old.attrs.get("request") == request and old.same_as(new)
 
 
@@ -228,6 +237,9 @@ def _write_rows(f: h5py.File, new: FileRows, sources, attrs: dict, dtype: str, n
     f.create_dataset("file_size", data=np.asarray(new.size, dtype=np.int64))
     f.create_dataset("file_mtime_ns", data=np.asarray(new.mtime_ns, dtype=np.int64))
     write_failed(f.create_group("failed"), new.failed_paths, new.failed_errors)
+    if new.targets is not None:
+        f.create_dataset("targets", data=np.asarray(new.targets, dtype=np.uint8).reshape(n, len(new.classes)))
+        f.attrs["task"] = MULTILABEL
     f.attrs["schema_version"] = SCHEMA_VERSION
     f.attrs["feature_dim"] = dim
     for key, value in attrs.items():
@@ -239,7 +251,7 @@ def is_feature_file(path) -> bool:
     return h5py.is_hdf5(path)
 
 
-_SHARD_INVARIANTS = ("fingerprint", "classes", "split_seed", "split_fractions", "given_splits", "dtype")
+_SHARD_INVARIANTS = ("fingerprint", "classes", "task", "split_seed", "split_fractions", "given_splits", "dtype")
 
 
 def merge_feature_files(inputs, out, overwrite: bool = False) -> FeatureSet:
@@ -268,8 +280,9 @@ def merge_feature_files(inputs, out, overwrite: bool = False) -> FeatureSet:
     pick = lambda column: np.array([getattr(shards[i], column)[row] for _, i, row in rows])  # noqa: E731
     failed = sorted((p, e) for s in shards for p, e in zip(s.failed_paths, s.failed_errors))
     new = FileRows([p for p, _, _ in rows], pick("size"), pick("mtime_ns"), pick("labels"), pick("split").astype(str),
-                   first.classes, [p for p, _ in failed], [e for _, e in failed])
-    attrs = {k: v for k, v in first.attrs.items() if k not in ("schema_version", "feature_dim", "shard")}
+                   first.classes, [p for p, _ in failed], [e for _, e in failed],
+                   targets=pick("targets").reshape(len(rows), len(first.classes)) if first.multilabel else None)
+    attrs = {k: v for k, v in first.attrs.items() if k not in ("schema_version", "feature_dim", "shard", "task")}
     fd = lock_output(out)
     try:
         write_feature_file(out, new, [(shards[i].path, row) for _, i, row in rows], attrs, first.attrs["dtype"])
