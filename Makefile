@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DATA := data/fashion-mnist
 
-.PHONY: venv demo test fashion-mnist clean
+.PHONY: venv demo test fashion-mnist chromium clean
 
 venv: $(STAMP)
 
@@ -26,13 +26,24 @@ fashion-mnist:
 	  else echo "not root: cannot apt-get dataset-fashion-mnist; falling back to torchvision's download"; fi; \
 	fi
 
+# The report's test renders it in headless Chromium (Debian's chromium); without one that test is skipped and says why.
+chromium:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } || \
+	    echo "chromium could not be installed; the browser tests of pipe report will be skipped"; \
+	  else echo "not root: cannot apt-get chromium; the browser tests of pipe report will be skipped"; fi; \
+	fi
+
 demo: venv fashion-mnist
 	$(BIN)/pipe make-dataset fashion-mnist $(DEMO_DATA)
 	$(BIN)/pipe extract $(DEMO_DATA) --model efficientnet_lite0 --out cache/features.h5
 	$(BIN)/pipe train-head cache/features.h5
 	$(BIN)/pipe evaluate
+	$(BIN)/pipe report
 
-test: venv
+test: venv chromium
 	$(BIN)/python -m pytest -q
 
 clean:

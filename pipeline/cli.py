@@ -9,8 +9,8 @@ import click
 
 from . import __version__
 from .allocator import keep_large_buffers
-from .cli_options import (DEFAULT_FEATURES, DEFAULT_HEAD, DEFAULT_METRICS, HEAD_TRAINERS, MAX_LR, MAX_TRIALS,
-                          MAX_WORKERS, POSITIVE, SEED, FiniteFloat, FloatList, IntList, NameList, PipeGroup, Shard,
+from .cli_options import (DEFAULT_FEATURES, DEFAULT_HEAD, DEFAULT_METRICS, DEFAULT_REPORT, HEAD_TRAINERS, MAX_LR,
+                          MAX_TRIALS, MAX_WORKERS, POSITIVE, SEED, FiniteFloat, FloatList, IntList, NameList, PipeGroup, Shard,
                           backbone_options, config_option, device_option, ensure_parent, global_flags)
 from .cpu_sharing import let_threads_sleep
 
@@ -179,6 +179,27 @@ def evaluate(features, head, split, json_path, ci):
     click.echo(format_multilabel_report(report) if "mAP" in report else format_report(report))
     Path(ensure_parent(json_path)).write_text(json.dumps(report, indent=2))
     click.echo(f"metrics -> {json_path}")
+
+
+@main.command()
+@global_flags
+@click.option("--features", default=DEFAULT_FEATURES, show_default=True, type=click.Path(dir_okay=False))
+@click.option("--head", default=DEFAULT_HEAD, show_default=True, type=click.Path(dir_okay=False))
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
+@click.option("--out", default=DEFAULT_REPORT, show_default=True, type=click.Path(dir_okay=False))
+@click.option("--seed", default=0, show_default=True, type=SEED,
+              help="Seed of the bootstrap, of the label-issue folds and of the sample of map points.")
+@config_option
+def report(features, head, split, out, seed):
+    """Write one self-contained HTML page about a head on a split: metrics, mistakes, data issues."""
+    from .report import write_report
+
+    result = write_report(features, head, split, ensure_parent(out), seed)
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"accuracy {result.accuracy:.4f} on {result.n} {split} images, {result.mistakes} mistakes, "
+               f"{result.label_issues} label issues, {result.duplicates} duplicates across splits")
+    click.echo(f"report -> {result.out} ({result.bytes / 1e6:.2f} MB, {result.seconds:.1f} s)")
 
 
 @main.command()

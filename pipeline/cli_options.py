@@ -15,6 +15,7 @@ from .errors import PipeError
 DEFAULT_FEATURES = "cache/features.h5"
 DEFAULT_HEAD = "cache/head.pt"
 DEFAULT_METRICS = "cache/metrics.json"
+DEFAULT_REPORT = "cache/report.html"
 
 POSITIVE = click.IntRange(min=1)
 SEED = click.IntRange(0, 2**32 - 1)  # what numpy, torch and scikit-learn all accept

@@ -473,6 +473,9 @@ def test_shipped_presets_are_accepted_by_every_command(ws, run_cli, tmp_path, mo
     evaluate = run_cli("evaluate", "--config", config)  # features, head and json all from the preset
     assert evaluate.exit_code == 0, evaluate.output
     assert Path(table["evaluate"]["json"]).is_file()
+    report = run_cli("report", "--config", config)
+    assert report.exit_code == 0, report.output
+    assert Path(table.get("report", {}).get("out", "cache/report.html")).is_file()
 
 
 def test_invalid_toml_is_one_line_exit_2(ws, run_cli, tmp_path):

@@ -55,6 +55,7 @@ def base_arguments(command, tiny, out: Path) -> list:
         "extract": [data, "--out", out / "f.h5", *FAST_EXTRACT],
         "train-head": [features, "--out", out / "h.pt"],
         "evaluate": ["--features", features, "--head", head, "--json", out / "m.json"],
+        "report": ["--features", features, "--head", head, "--out", out / "r.html"],
         "predict": [data / "test", "--head", head],
         "bench": [data, *FAST_BACKBONE, "--epochs", 1, "--batch-size", 8, "--json", out / "b.json"],
         "make-dataset": ["digits", out / "digits", "--train-per-class", 2, "--test-per-class", 1],

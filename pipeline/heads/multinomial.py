@@ -31,18 +31,25 @@ SINGLE_THREAD_VALUES = 2**20
 
 
 @contextmanager
-def threads_for(n_values, device):
-    """Run the enclosed fit on one thread when it is small and on the CPU (see
-    ``SINGLE_THREAD_VALUES``); torch's thread count is restored afterwards."""
-    if device.type != "cpu" or n_values >= SINGLE_THREAD_VALUES or torch.get_num_threads() == 1:
-        yield
-        return
+def one_thread():
+    """Run the enclosed torch work on one CPU thread; the thread count is restored afterwards."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextmanager
+def threads_for(n_values, device):
+    """Run the enclosed fit on one thread when it is small and on the CPU (see
+    ``SINGLE_THREAD_VALUES``)."""
+    if device.type != "cpu" or n_values >= SINGLE_THREAD_VALUES or torch.get_num_threads() == 1:
+        yield
+        return
+    with one_thread():
+        yield
 
 
 def multinomial_loss_and_grad(X, y, sample_weight, params, strengths):

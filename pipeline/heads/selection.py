@@ -130,9 +130,7 @@ def plan_selection(labels, n_candidates, *, mode="auto", seed=0, min_rows=MIN_SE
         small = f"val has {n_val} images, fewer than {min_rows}" if n_val else "no val split"
         return selection("holdout", [held], small if mode == "auto" else "")
     if smallest >= 2:
-        k = min(MAX_FOLDS, smallest)
-        folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(n_pool), pool)
-        masks = [np.isin(np.arange(n_pool), scored) for _, scored in folds]
+        masks = kfold_masks(pool, seed)
         why = (f"val has {n_val} images" if n_val else "no val split") + \
             (f" and a hold-out would have {held.sum()}, fewer than {min_rows}" if mode == "auto" else "")
         return selection("cv", masks, why)
@@ -175,6 +173,16 @@ def default_warning(selection, parameter):
 
 
 SCORED_ON = {"val": "val", "holdout": "hold-out", "cv": "cross-validation"}  # where a selection's scores come from
+
+
+def kfold_masks(pool, seed=0):
+    """Seeded stratified k-fold over ``pool`` (labels), k = min(``MAX_FOLDS``, smallest class
+    count): one boolean mask per fold, True where a row is scored. Every class needs at least
+    2 rows."""
+    counts = np.bincount(pool)
+    k = min(MAX_FOLDS, int(counts[counts > 0].min()))
+    folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(pool)), pool)
+    return [np.isin(np.arange(len(pool)), scored) for _, scored in folds]
 
 
 def _holdout_mask(pool, seed):

@@ -1,0 +1,195 @@
+"""Problems in the data itself: training images whose label looks wrong (confident learning on
+out-of-fold probabilities) and images that appear in two splits (near-duplicate features,
+identical files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..heads import LinearProbe
+from ..heads.features import row_chunks
+from ..heads.multinomial import one_thread
+from ..heads.selection import kfold_masks, split_parts
+from ..store import FeatureSet
+
+DUPLICATE_COSINE = 0.98
+# The label-issue heads stop at a looser gradient tolerance than train-head's 1e-4: on
+# efficientnet_lite0 features of Fashion-MNIST (2,000 training images, 5 folds, L2 strength
+# 0.063) each fold's fit took 12-13 L-BFGS iterations instead of 31-35, the out-of-fold accuracy
+# was 0.860 instead of 0.861, and 87 images were flagged instead of 88, 86 of them the same.
+ISSUE_TOL = 1e-3
+# ... and run on one CPU thread: on the 2-core reference machine under load (load average 5-6),
+# the 5 folds of those 2,000 images took 2.0-2.3 s on one thread and 9-23 s on two, taking turns
+# in one process (pipeline.heads.multinomial, SINGLE_THREAD_VALUES, explains why).
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class LabelIssues:
+    """Images of train + val whose given label gets a low out-of-fold probability.
+
+    ``rows`` (feature file rows, lowest ``self_confidence`` first), ``given`` and ``suggested``
+    (class indices), ``self_confidence`` (out-of-fold probability of the given label) and
+    ``suggested_probability``; ``n_checked`` images were scored in ``folds`` folds by heads of
+    L2 ``strength``.
+    ``reason`` says why nothing could be checked (then everything else is empty)."""
+
+    rows: np.ndarray
+    given: np.ndarray
+    suggested: np.ndarray
+    self_confidence: np.ndarray
+    suggested_probability: np.ndarray
+    n_checked: int = 0
+    folds: int = 0
+    strength: float = 0.0
+    reason: str = ""
+
+
+def out_of_fold_probabilities(X, y, n_classes, strength, seed=0):
+    """Class probabilities (N, ``n_classes``) of every row of ``(X, y)`` from a linear head
+    (L2 ``strength``, gradient tolerance ``ISSUE_TOL``, one thread) fitted on the other folds of a stratified k-fold split
+    (:func:`~pipeline.heads.selection.kfold_masks`). Every class needs 2 rows."""
+    proba = np.zeros((len(y), n_classes), dtype=np.float32)
+    classes = [str(c) for c in range(n_classes)]
+    with one_thread():
+        for mask in kfold_masks(y, seed):
+            [(_, X_fit, y_fit)], [(_, X_scored, _)] = split_parts([("pool", X, y)], mask)
+            probe = LinearProbe(grid=[strength], seed=seed, tol=ISSUE_TOL).fit(X_fit, y_fit)
+            proba[mask] = probe.to_head(classes, "", {}).predict_proba(X_scored)
+    return proba
+
+
+def confident_label_issues(proba, y):
+    """Confident learning's rule on out-of-fold ``proba`` (N, C) and given labels ``y``: class
+    j's threshold is the mean probability of j over the images labelled j; an image is an issue
+    when its given label's probability is below that label's threshold and another class
+    reaches its own. Returns the issue rows (lowest given-label probability first) and, for
+    each, the suggested class (the most probable of those that reach their threshold)."""
+    n_classes = proba.shape[1]
+    thresholds = np.array([proba[y == c, c].mean() if (y == c).any() else np.inf for c in range(n_classes)])
+    above = proba >= thresholds
+    above[np.arange(len(y)), y] = False
+    self_confidence = proba[np.arange(len(y)), y]
+    issue = (self_confidence < thresholds[y]) & above.any(axis=1)
+    suggested = np.where(above, proba, -1.0).argmax(axis=1)
+    rows = np.flatnonzero(issue)
+    rows = rows[np.argsort(self_confidence[rows], kind="stable")]
+    return rows, suggested[rows]
+
+
+def find_label_issues(features: FeatureSet, strength: float, seed: int = 0) -> LabelIssues:
+    """Label issues among the train and val images of ``features`` (read with features), from
+    out-of-fold probabilities of linear heads with L2 ``strength`` (the report's head's)."""
+    pool = np.flatnonzero(np.isin(features.split, ("train", "val")))
+    y = features.labels[pool]
+    counts = np.bincount(y)
+    present = counts[counts > 0]
+    empty = np.array([], dtype=np.int64)
+    nothing = dict(rows=empty, given=empty, suggested=empty, self_confidence=np.array([]),
+                   suggested_probability=np.array([]))
+    if len(present) < 2:
+        return LabelIssues(**nothing, reason=f"train + val hold {len(present)} class(es); cross-validation needs 2")
+    if present.min() < 2:
+        lonely = ", ".join(features.classes[c] for c in np.flatnonzero(counts == 1)[:5])
+        return LabelIssues(**nothing, reason=f"a class has a single image in train + val ({lonely}), so no "
+                                             "image can be scored by a head that has not seen it")
+    proba = out_of_fold_probabilities(features.features[pool], y, len(features.classes), strength, seed)
+    issues, suggested = confident_label_issues(proba, y)
+    return LabelIssues(rows=pool[issues], given=y[issues], suggested=suggested,
+                       self_confidence=proba[issues, y[issues]], suggested_probability=proba[issues, suggested],
+                       n_checked=len(y), folds=len(kfold_masks(y, seed)), strength=strength)
+
+
+@dataclass
+class DuplicatePair:
+    """An image of a later split (``row``: val or test) and its match in an earlier one."""
+
+    row: int
+    match: int
+    cosine: float
+
+
+@dataclass
+class Duplicates:
+    """``near``: each val/test image whose features have cosine >= ``DUPLICATE_COSINE`` with
+    its most similar image of an earlier split, most similar first (identical files left
+    out); ``identical``: val/test images whose file has the same bytes as one of an earlier
+    split; ``unreadable``: files that could not be hashed."""
+
+    near: list[DuplicatePair] = field(default_factory=list)
+    identical: list[DuplicatePair] = field(default_factory=list)
+    unreadable: int = 0
+
+
+def _unit_rows(X) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float32)
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    return X / np.where(norms > 0, norms, 1.0)
+
+
+def nearest_earlier(features: FeatureSet):
+    """For every val and test row, its most similar row (cosine of the features) in an earlier
+    split (val: train; test: train and val). Returns ``(rows, matches, cosines)``."""
+    order = np.array([SPLITS.index(s) for s in features.split])
+    found = [], [], []
+    for later in (1, 2):
+        queries, candidates = np.flatnonzero(order == later), np.flatnonzero(order < later)
+        if not len(queries) or not len(candidates):
+            continue
+        reference = _unit_rows(features.features[candidates])
+        for start, stop in row_chunks(len(queries), 1024):
+            similarity = _unit_rows(features.features[queries[start:stop]]) @ reference.T
+            best = similarity.argmax(axis=1)
+            found[0].append(queries[start:stop])
+            found[1].append(candidates[best])
+            found[2].append(similarity[np.arange(len(best)), best])
+    if not found[0]:
+        return np.array([], dtype=np.int64), np.array([], dtype=np.int64), np.array([])
+    return tuple(np.concatenate(part) for part in found)
+
+
+def _file_hash(path: Path) -> str | None:
+    try:
+        return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+    except OSError:
+        return None
+
+
+def identical_files(features: FeatureSet, root) -> tuple[list[DuplicatePair], int]:
+    """Val/test images whose file has exactly the bytes of an image of an earlier split, each
+    with one such match; only files of a size found in two splits are read. Returns the pairs
+    and the number of those files that could not be read."""
+    order = np.array([SPLITS.index(s) for s in features.split])
+    by_size: dict[int, list[int]] = {}
+    for row, size in enumerate(features.size.tolist()):
+        by_size.setdefault(size, []).append(row)
+    pairs, unreadable = [], 0
+    for rows in by_size.values():
+        if len({order[r] for r in rows}) < 2:
+            continue
+        first_of: dict[str, int] = {}
+        for row in sorted(rows, key=lambda r: (order[r], r)):
+            digest = _file_hash(Path(root) / features.paths[row])
+            if digest is None:
+                unreadable += 1
+            elif digest in first_of and order[first_of[digest]] < order[row]:
+                pairs.append(DuplicatePair(row, first_of[digest], 1.0))
+            else:
+                first_of.setdefault(digest, row)
+    return sorted(pairs, key=lambda p: p.row), unreadable
+
+
+def find_duplicates(features: FeatureSet, root, threshold: float = DUPLICATE_COSINE) -> Duplicates:
+    """Images of val or test that also appear in an earlier split: as identical files (under
+    ``root``, the data root) and as features with cosine >= ``threshold``."""
+    identical, unreadable = identical_files(features, root)
+    same_file = {p.row for p in identical}
+    rows, matches, cosines = nearest_earlier(features)
+    keep = [i for i in np.argsort(-cosines, kind="stable") if cosines[i] >= threshold and rows[i] not in same_file]
+    near = [DuplicatePair(int(rows[i]), int(matches[i]), float(cosines[i])) for i in keep]
+    return Duplicates(near=near, identical=identical, unreadable=unreadable)
