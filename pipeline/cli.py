@@ -10,8 +10,9 @@ import click
 from . import __version__
 from .allocator import keep_large_buffers
 from .cli_options import (DEFAULT_FEATURES, DEFAULT_HEAD, DEFAULT_METRICS, DEFAULT_REPORT, HEAD_TRAINERS, MAX_LR,
-                          MAX_TRIALS, MAX_WORKERS, POSITIVE, SEED, FiniteFloat, FloatList, IntList, NameList, PipeGroup, Shard,
-                          backbone_options, config_option, device_option, ensure_parent, global_flags)
+                          MAX_TRIALS, MAX_WORKERS, POSITIVE, SEED, FiniteFloat, FloatList, IntList, NameList,
+                          PipeGroup, Shard, backbone_options, config_option, device_option, ensure_parent,
+                          global_flags)
 from .cpu_sharing import let_threads_sleep
 
 

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..heads import LinearProbe
-from ..heads.features import row_chunks
+from ..heads.knn import nearest, unit_rows
 from ..heads.multinomial import one_thread
 from ..heads.selection import kfold_masks, split_parts
 from ..store import FeatureSet
@@ -126,12 +127,6 @@ class Duplicates:
     unreadable: int = 0
 
 
-def _unit_rows(X) -> np.ndarray:
-    X = np.asarray(X, dtype=np.float32)
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    return X / np.where(norms > 0, norms, 1.0)
-
-
 def nearest_earlier(features: FeatureSet):
     """For every val and test row, its most similar row (cosine of the features) in an earlier
     split (val: train; test: train and val). Returns ``(rows, matches, cosines)``."""
@@ -141,13 +136,11 @@ def nearest_earlier(features: FeatureSet):
         queries, candidates = np.flatnonzero(order == later), np.flatnonzero(order < later)
         if not len(queries) or not len(candidates):
             continue
-        reference = _unit_rows(features.features[candidates])
-        for start, stop in row_chunks(len(queries), 1024):
-            similarity = _unit_rows(features.features[queries[start:stop]]) @ reference.T
-            best = similarity.argmax(axis=1)
-            found[0].append(queries[start:stop])
-            found[1].append(candidates[best])
-            found[2].append(similarity[np.arange(len(best)), best])
+        reference = torch.from_numpy(unit_rows(features.features[candidates], 0.0))
+        cosines, best = nearest(unit_rows(features.features[queries], 0.0), reference, 1, torch.device("cpu"))
+        found[0].append(queries)
+        found[1].append(candidates[best[:, 0]])
+        found[2].append(cosines[:, 0])
     if not found[0]:
         return np.array([], dtype=np.int64), np.array([], dtype=np.int64), np.array([])
     return tuple(np.concatenate(part) for part in found)
