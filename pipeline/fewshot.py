@@ -20,6 +20,7 @@ from .errors import PipeError
 from .heads import make_probe
 from .plotting import pyplot, save_figure
 from .store import read_features
+from .train import require_single_label
 
 DEFAULT_SHOTS = (1, 2, 5, 10, 20)
 DEFAULT_TRIALS = 5
@@ -74,6 +75,7 @@ def run_fewshot(features_path, shots=DEFAULT_SHOTS, trials=DEFAULT_TRIALS, heads
         raise PipeError(f"--trials must be at least 2 to give an interval, got {trials}")
     started = time.perf_counter()
     features = read_features(features_path)
+    require_single_label(features)
     X_train, y_train = features.rows("train")
     X_test, y_test = features.rows("test")
     smallest = int(np.bincount(y_train)[np.unique(y_train)].min())

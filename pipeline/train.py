@@ -39,14 +39,20 @@ def train_head(features_path, out="cache/head.pt", kind: str = "linear", **param
     return head, probe
 
 
+def require_single_label(features: FeatureSet) -> None:
+    """Raise :class:`PipeError` for a multi-label feature file (its ``labels`` are -1), where
+    a single-label head or evaluation was asked for."""
+    if features.multilabel:
+        raise PipeError(f"{features.path} is multi-label; this needs a single-label feature file "
+                        "(pipe train-head trains multi-label heads)")
+
+
 def fit_head(features: FeatureSet, kind: str = "linear", matrix=None, **params) -> tuple[Head, object]:
     """Fit a ``kind`` head on the train split (and val, when it has images) of single-label
     ``features`` without saving it; returns ``(head, probe)``. ``matrix`` is the feature matrix
     to read rows from (default ``features.features``; an ``h5py.Dataset`` for the streamed
     linear head)."""
-    if features.multilabel:
-        raise PipeError(f"{features.path} is multi-label; this needs a single-label feature file "
-                        "(pipe train-head trains multi-label heads)")
+    require_single_label(features)
     present = np.unique(features.labels[features.row_indices("train")])
     if len(present) < 2:
         raise PipeError(f"train-head needs at least 2 classes in the train split of {features.path}, "

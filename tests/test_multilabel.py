@@ -188,3 +188,10 @@ def test_info_says_a_file_is_multilabel(multilabel_run):
     about_features = invoke("info", features)
     assert about_features.exit_code == 0 and "(multi-label: 1.67 labels per image)" in about_features.stdout
     assert "multi-label: sigmoid + per-class thresholds" in invoke("info", head).stdout
+
+
+@pytest.mark.parametrize("command", [("fewshot", "{f}", "--shots", "1"), ("compare", "{f}", "{f}")])
+def test_single_label_evaluations_refuse_a_multilabel_file_in_one_line(multilabel_run, command):
+    features = multilabel_run[2]
+    result = invoke(*[str(arg).format(f=features) for arg in command])
+    assert_clean_error(result, str(features), "is multi-label")
