@@ -17,7 +17,7 @@ from .cpu_sharing import let_threads_sleep
 
 
 @click.group(cls=PipeGroup, context_settings={"help_option_names": ["-h", "--help"]},
-             epilog=f"Docs: {DOCS_INDEX} (a page per concern in docs/).")
+             epilog=f"\b\nDocs: {DOCS_INDEX} (a page per concern in docs/).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.version_option(__version__, prog_name="pipe")

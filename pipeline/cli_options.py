@@ -157,7 +157,7 @@ class PipeGroup(click.Group):
         super().add_command(cmd, name)
         page = DOCS_PAGES.get(name or cmd.name)
         if page:
-            cmd.epilog = f"Docs: {page}"
+            cmd.epilog = f"\b\nDocs: {page}"  # \b: click leaves the line unwrapped
 
     def invoke(self, ctx: click.Context):
         try:
