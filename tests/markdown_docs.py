@@ -162,12 +162,15 @@ def pipe_calls_in(text: str, where: str) -> list[PipeCall]:
         call = PipeCall(where, match.group(0).strip())
         for token in match.group(1).split():
             token = token.strip("[]()")
+            if call.command is None and re.fullmatch(r"[A-Z][A-Z_]*", token):
+                break  # `pipe COMMAND --option`: a pattern, not a call
             if call.command is None and re.fullmatch(r"[a-z][a-z-]*", token):
                 call.command = token
                 continue
             for option in re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)", token):
                 (call.options if call.command else call.global_options).append(option)
-        calls.append(call)
+        else:
+            calls.append(call)
     return calls
 
 

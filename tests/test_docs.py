@@ -148,6 +148,18 @@ def test_every_fenced_block_runs_or_is_marked_illustrative():
 RUN_PAGES = [p for p in DOCS if any(classify(b) in ("shell", "python") for b in fenced_blocks(p))]
 
 
+def test_blocks_are_told_apart(tmp_path):
+    """What the count above relies on: a block of anything but pipe commands is unmarked until
+    an illustrative marker (with its reason) precedes it; transcripts run their $ lines."""
+    page = tmp_path / "page.md"
+    page.write_text("```\nmake demo\n```\n\n<!-- illustrative: needs a GPU -->\n```\npipe extract d/ --device cuda\n```\n\n"
+                    "```\n$ pipe info cache/features.h5\nfeatures: 24 x 512\n```\n\n```python\nimport pipeline\n```\n")
+    blocks = fenced_blocks(page)
+    assert [classify(b) for b in blocks] == ["unmarked", "illustrative", "shell", "python"]
+    assert blocks[1].marker_value == "needs a GPU"
+    assert command_lines(blocks[2]) == ["pipe info cache/features.h5"]
+
+
 @pytest.mark.parametrize("page", RUN_PAGES, ids=[str(p.relative_to(ROOT)) for p in RUN_PAGES])
 def test_blocks_of_the_page_run(page, workspace):
     """Every block of the page that is not illustrative runs, in order, in one folder."""
