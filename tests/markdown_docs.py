@@ -192,6 +192,14 @@ def pipe_calls(path: Path) -> list[PipeCall]:
     return calls
 
 
+def bare_options(path: Path) -> list[tuple[str, str]]:
+    """(where, option) for every inline code span that starts with an option (`--tol 1e-5`):
+    prose naming an option without its command."""
+    text = prose(path)
+    return [(f"{shown_name(path)}:{text.count(chr(10), 0, m.start()) + 1}", m.group(1))
+            for m in re.finditer(r"`(--[a-zA-Z][\w-]*)[^`]*`", text)]
+
+
 @dataclass
 class Figure:
     """One quoted figure: the text shown, the results file, the key path and a factor."""

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 
 from conftest import COLOURS, FAST_BACKBONE, invoke, make_image_folder, write_image
-from markdown_docs import (ROOT, Block, broken_link, check_figure, command_lines, doc_files, fenced_blocks, figures,
-                           links, pipe_calls, split_command)
+from markdown_docs import (ROOT, Block, bare_options, broken_link, check_figure, command_lines, doc_files, fenced_blocks,
+                           figures, links, pipe_calls, split_command)
 from pipeline.cli import main
 from pipeline.cli_options import DOCS_INDEX, DOCS_PAGES
 
@@ -177,7 +177,8 @@ def cli_options(command) -> set[str]:
 
 def test_every_pipe_command_and_option_in_the_docs_exists():
     """Renaming a command or an option without updating the docs fails here (fenced blocks,
-    illustrative ones too, and inline code spans)."""
+    illustrative ones too, and inline code spans; a span naming an option alone, `--tol 1e-5`,
+    must name an option of some command)."""
     problems, checked = [], 0
     for path in DOCS:
         for call in pipe_calls(path):
@@ -189,6 +190,9 @@ def test_every_pipe_command_and_option_in_the_docs_exists():
             unknown += [o for o in call.global_options if o not in cli_options(main)]
             problems += [f"{call.where}: `pipe {call.command or ''}` has no option {o} ({call.text})" for o in unknown]
             checked += 1
+    every_option = set().union(*(cli_options(c) for c in (main, *main.commands.values())))
+    problems += [f"{where}: no command has the option {option}"
+                 for path in DOCS for where, option in bare_options(path) if option not in every_option]
     assert not problems, "\n".join(problems)
     assert checked > 50
 
