@@ -15,8 +15,9 @@ from::
     7.3 = speed/efficientnet_lite0/decode_seconds_per_image_one_core/pil_draft (pipe) * 1000
     -->
 
-Each line is ``SHOWN = KEY/PATH`` with an optional ``* FACTOR``; keys may hold ``/`` themselves
-(``c/achievable``), list items are numbers. Several annotations may be stacked before one block.
+Each entry is ``SHOWN = KEY/PATH`` with an optional ``* FACTOR``, one a line or several separated
+by ``;``; keys may hold ``/`` themselves (``c/achievable``), list items are numbers. Several
+annotations may be stacked before one block.
 """
 
 from __future__ import annotations
@@ -250,11 +251,12 @@ def figures(path: Path) -> list[Figure]:
             end += 1
         covered = _covered_text(lines, end + 1)
         for n in range(i + 1, end):
-            line = FIGURE_LINE.match(lines[n])
-            if not line:
-                raise ValueError(f"{shown_name(path)}:{n + 1}: expected 'SHOWN = KEY/PATH [* FACTOR]'")
-            found.append(Figure(f"{shown_name(path)}:{n + 1}", line.group(1), head.group(1), line.group(2),
-                                float(line.group(3) or 1), covered))
+            for entry in lines[n].split(";"):
+                line = FIGURE_LINE.match(entry)
+                if not line:
+                    raise ValueError(f"{shown_name(path)}:{n + 1}: expected 'SHOWN = KEY/PATH [* FACTOR]'")
+                found.append(Figure(f"{shown_name(path)}:{n + 1}", line.group(1), head.group(1), line.group(2),
+                                    float(line.group(3) or 1), covered))
         i = end + 1
     return found
 
