@@ -38,7 +38,10 @@ def substitute(args: list[str]) -> list[str]:
     """A documented command made small and offline (the substitutions docs/architecture.md
     lists): a random-weight resnet18 at 32 px with no DataLoader workers instead of the model
     the text names, and a few scikit-learn digits per class instead of a dataset download."""
-    command = args[0]
+    args, flags = list(args), []
+    while args and args[0].startswith("-"):  # `pipe -q extract ...`
+        flags.append(args.pop(0))
+    command = args[0] if args else None
     if command in ("extract", "bench"):
         kept, skip = [], False
         for arg in args:
@@ -51,7 +54,7 @@ def substitute(args: list[str]) -> list[str]:
         args = kept + list(FAST_BACKBONE) + (["--workers", "0"] if command == "extract" else [])
     if command == "make-dataset":
         args = ["make-dataset", "digits", args[2], *TINY_DATASET]
-    return args
+    return flags + args
 
 
 def run_shell_block(block: Block, commands: list[str]) -> None:
