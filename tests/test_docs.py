@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 
 from conftest import COLOURS, FAST_BACKBONE, invoke, make_image_folder, write_image
-from markdown_docs import (ROOT, Block, bare_options, broken_link, check_figure, command_lines, doc_files, fenced_blocks,
-                           figures, links, pipe_calls, split_command)
+from markdown_docs import (ROOT, Block, bare_options, broken_link, check_figure, command_lines, doc_files,
+                           fenced_blocks, figures, links, pipe_calls, split_command)
 from pipeline.cli import main
 from pipeline.cli_options import DOCS_INDEX, DOCS_PAGES
 
@@ -155,8 +155,10 @@ def test_blocks_are_told_apart(tmp_path):
     """What the count above relies on: a block of anything but pipe commands is unmarked until
     an illustrative marker (with its reason) precedes it; transcripts run their $ lines."""
     page = tmp_path / "page.md"
-    page.write_text("```\nmake demo\n```\n\n<!-- illustrative: needs a GPU -->\n```\npipe extract d/ --device cuda\n```\n\n"
-                    "```\n$ pipe info cache/features.h5\nfeatures: 24 x 512\n```\n\n```python\nimport pipeline\n```\n")
+    page.write_text("```\nmake demo\n```\n\n"
+                    "<!-- illustrative: needs a GPU -->\n```\npipe extract d/ --device cuda\n```\n\n"
+                    "```\n$ pipe info cache/features.h5\nfeatures: 24 x 512\n```\n\n"
+                    "```python\nimport pipeline\n```\n")
     blocks = fenced_blocks(page)
     assert [classify(b) for b in blocks] == ["unmarked", "illustrative", "shell", "python"]
     assert blocks[1].marker_value == "needs a GPU"
