@@ -65,14 +65,16 @@ def run_shell_block(block: Block, commands: list[str]) -> None:
         if args[0] == "pip":
             continue
         expanded = []
-        for arg in args[1:]:
-            arg = os.path.expandvars(arg)
-            expanded += sorted(glob.glob(arg)) or [arg] if "*" in arg else [arg]
+        for arg in map(os.path.expandvars, args[1:]):
+            matches = sorted(glob.glob(arg)) if "*" in arg else []
+            expanded += matches or [arg]  # as the shell expands a pattern, or leaves it
         result = invoke(*substitute(expanded))
         assert result.exit_code == 0, f"{block.where}: `{line}` exited {result.exit_code}:\n{result.output}"
 
 
 def run_python_block(block: Block) -> None:
+    """A ``python`` block in this process (``pipeline`` importable), or, marked ``run as``,
+    saved under its file name and run with the interpreter of the tests."""
     if block.marker == "run as":
         args = split_command(block.marker_value)
         script = next(a for a in args if a.endswith(".py"))
@@ -87,7 +89,7 @@ def run_python_block(block: Block) -> None:
 
 
 def classify(block: Block) -> str:
-    """"illustrative", "python", "shell", or "unmarked" for a block that neither runs nor is marked."""
+    """The block's kind: illustrative, python, shell, or unmarked (neither runs nor is marked)."""
     if block.marker == "illustrative":
         return "illustrative"
     if block.lang == "python":
@@ -97,7 +99,7 @@ def classify(block: Block) -> str:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    """What the docs' commands read, made once per session of this module: ``data/`` (3 colour
+    """What the docs' commands read, made once for this module: ``data/`` (3 colour
     classes x 8 PNGs), ``photo.jpg``, ``images.csv`` (a manifest of data/), ``photos.csv`` (a
     multi-label manifest of ``photos/``), and ``cache/features.h5`` and ``cache/head.pt`` made
     from ``data/``: the docs' commands assume both exist."""
