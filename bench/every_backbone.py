@@ -6,9 +6,8 @@ if any fails.
     python bench/every_backbone.py [--timm timm:densenet121,timm:resnet18,...] [--work DIR]
 
 Each model runs at 32 px, or at its default input size when it does not take 32 px (alexnet,
-inception_v3, maxvit_t, vit_h_14). It takes about 15 minutes on 2 CPU cores (regnet_y_128gf and
-vit_h_14 alone need a minute each to initialise). tests/test_catalogue.py runs each family's
-smallest member in the test suite.
+inception_v3, maxvit_t, vit_h_14). It took 27 minutes on 2 shared CPU cores (vit_h_14, at its
+518 px, 5 of them). tests/test_catalogue.py runs each family's smallest member in the test suite.
 """
 
 from __future__ import annotations
