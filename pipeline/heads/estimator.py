@@ -62,6 +62,8 @@ class HeadEstimator(ClassifierMixin, BaseEstimator):
         """``X`` as :meth:`_check_X` checks it and ``y`` as one label per row (or, with
         ``multi_output``, a 2-D target), of the same length."""
         X = self._check_X(X, name, reset=reset)
+        if y is None:
+            raise PipeValueError(f"{type(self).__name__} requires y to be passed, but the target y is None")
         try:
             y = check_array(y, ensure_2d=False, dtype=None, input_name="y")
             if not multi_output:
@@ -89,16 +91,16 @@ class HeadEstimator(ClassifierMixin, BaseEstimator):
             raise PipeValueError(f"classes {unseen.tolist()} appear in val but not in train; add train images")
         return train, np.searchsorted(self.classes_, y_val)
 
-    def _single_label_parts(self, X_train, y_train, X_val, y_val):
+    def _single_label_parts(self, X, y, X_val, y_val):
         """The parts a single-label head learns from, ``[("train", X, y)]`` plus ``("val", X,
         y)`` when given, checked, with labels encoded as positions into ``classes_``."""
         if (X_val is None) != (y_val is None):
             raise PipeValueError("give both validation features and labels, or neither")
-        X_train, y_train = self._check_Xy(X_train, y_train, "train", reset=True)
+        X, y = self._check_Xy(X, y, "train", reset=True)
         if X_val is not None:
             X_val, y_val = self._check_Xy(X_val, y_val, "val", reset=False)
-        train, val = self._encoded_labels(y_train, y_val)
-        return [("train", X_train, train)] + ([("val", X_val, val)] if X_val is not None else [])
+        train, val = self._encoded_labels(y, y_val)
+        return [("train", X, train)] + ([("val", X_val, val)] if X_val is not None else [])
 
     def _head(self, class_names, positions, **metadata):
         """The fitted model as its kind of :class:`~pipeline.heads.Head` over ``class_names``,
@@ -166,4 +168,5 @@ class HeadEstimator(ClassifierMixin, BaseEstimator):
 
     def predict(self, X):
         """The most probable class of each row (labels from ``classes_``)."""
-        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+        proba = self.predict_proba(X)
+        return self.classes_[proba.argmax(axis=1)]

@@ -175,7 +175,7 @@ class KNNClassifier(HeadEstimator):
         """The chosen k, under the name every trainer shares."""
         return self.best_k_
 
-    def fit(self, X_train, y_train, X_val=None, y_val=None):
+    def fit(self, X, y, X_val=None, y_val=None):
         """Choose k with ``(X_val, y_val)`` (or splits of train + val) and keep train + val as
         the references. Inputs as for :meth:`LinearClassifier.fit`. Returns ``self``."""
         started = time.perf_counter()
@@ -184,7 +184,7 @@ class KNNClassifier(HeadEstimator):
             raise PipeValueError(f"k must be whole numbers of at least 1, got {list(ks)}")
         if not (np.isfinite(self.temperature) and self.temperature > 0):
             raise PipeValueError(f"the temperature must be a positive number, got {self.temperature}")
-        parts = self._single_label_parts(X_train, y_train, X_val, y_val)
+        parts = self._single_label_parts(X, y, X_val, y_val)
         labels = [y for _, _, y in parts]
         self.n_train_, self.n_val_ = len(labels[0]), sum(map(len, labels[1:]))
         n_pool = self.n_train_ + self.n_val_

@@ -147,8 +147,8 @@ class MultiLabelClassifier(HeadEstimator):
         """The chosen strength, under the name every trainer shares."""
         return self.best_strength_
 
-    def fit(self, X_train, Y_train, X_val=None, Y_val=None):
-        """Train on features ``X_train`` (N, D) and multi-hot ``Y_train`` (N, C) (or one label
+    def fit(self, X, Y, X_val=None, Y_val=None):
+        """Train on features ``X`` (N, D) and multi-hot ``Y`` (N, C) (or one label
         per row), choosing the strength and the thresholds with ``(X_val, Y_val)`` when given
         and large enough (else a hold-out or k-fold cross-validation over train + val).
         Returns ``self``."""
@@ -156,7 +156,7 @@ class MultiLabelClassifier(HeadEstimator):
         if self.trainer not in TRAINERS:
             raise PipeValueError(f"unknown head trainer {self.trainer!r}; choose one of {', '.join(TRAINERS)}")
         self.grid_ = strength_grid(self.grid)
-        parts = self._target_parts(X_train, Y_train, X_val, Y_val)
+        parts = self._target_parts(X, Y, X_val, Y_val)
         mean, std = feature_stats(parts)
         self.mean_, self.std_ = (mean, std) if self.standardize else (None, None)
         pool = np.concatenate([Y for _, _, Y in parts])
@@ -208,8 +208,8 @@ class MultiLabelClassifier(HeadEstimator):
             columns = np.arange(len(self.classes_))[-1:] if len(self.classes_) == 2 else np.arange(len(self.classes_))
             targets = [(y[:, None] == columns).astype(np.uint8) for y in labels if y is not None]
         else:
-            raise PipeValueError(f"targets must be multi-hot (0 or 1, n_samples x n_classes) or one label per row, "
-                                 f"got {kind} targets")
+            raise PipeValueError(f"Unknown label type {kind!r}: targets must be multi-hot (0 or 1, n_samples x "
+                                 "n_classes) or one label per row")
         return [(name, X, Y) for name, X, Y in zip(("train", "val"), (X_train, X_val), targets)]
 
     def _select(self, parts, splits):
@@ -349,6 +349,7 @@ class MultiLabelClassifier(HeadEstimator):
     def predict(self, X):
         """Multi-hot predictions (n_samples, n_classes) where each class's probability reaches
         its threshold; for one label per row, the most probable class."""
+        check_is_fitted(self)
         if not self.multilabel_:
             return super().predict(X)
         return self._predicting_head().predict(self._check_X(X)).astype(np.int64)

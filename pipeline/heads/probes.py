@@ -91,11 +91,11 @@ class _SweepClassifier(HeadEstimator):
         self.standardize = standardize
         self.selection = selection
 
-    def fit(self, X_train, y_train, X_val=None, y_val=None):
-        """Train on ``(X_train, y_train)``, choosing the strength with ``(X_val, y_val)``.
+    def fit(self, X, y, X_val=None, y_val=None):
+        """Train on ``(X, y)``, choosing the strength with ``(X_val, y_val)``.
 
-        ``X_*`` are (N, D) arrays of numbers, or a :class:`~pipeline.heads.RowSubset` (rows of
-        a feature file, read as they are needed); ``y_*`` are labels (any kind scikit-learn
+        ``X`` and ``X_val`` are (N, D) arrays of numbers, or a :class:`~pipeline.heads.RowSubset` (rows of
+        a feature file, read as they are needed); ``y`` and ``y_val`` are labels (any kind scikit-learn
         classifiers take; every val label must be a train label).
         How the strength is chosen depends on the sizes (``selection="auto"``): on val when
         it holds enough images, else on a hold-out of train + val or by k-fold
@@ -106,7 +106,7 @@ class _SweepClassifier(HeadEstimator):
         """
         started = time.perf_counter()
         self.grid_ = strength_grid(self.grid)
-        parts = self._single_label_parts(X_train, y_train, X_val, y_val)
+        parts = self._single_label_parts(X, y, X_val, y_val)
         mean, std = feature_stats(parts)  # also the finiteness check, so always computed
         self.mean_, self.std_ = (mean, std) if self.standardize else (None, None)
         self.n_train_, self.n_val_ = len(parts[0][2]), sum(len(labels) for _, _, labels in parts[1:])
