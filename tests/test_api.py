@@ -106,3 +106,21 @@ def test_every_python_example_of_the_readme_runs(tmp_path, monkeypatch, capsys):
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - the README's own code
     assert (tmp_path / "cache" / "head.pt").is_file() and capsys.readouterr().out
+
+
+def test_the_default_preset_writes_out_the_library_defaults():
+    """configs/default.toml copies the defaults out for users to edit; they are stated in
+    pipeline/defaults.py, so the copy must agree with it."""
+    import tomllib
+
+    from pipeline import defaults
+
+    preset = tomllib.loads((README.parent / "configs" / "default.toml").read_text())
+    assert {k: preset["extract"][k] for k in ("model", "weights", "out", "dtype", "split-fractions", "seed",
+                                              "checkpoint-every")} == {
+        "model": defaults.MODEL, "weights": defaults.WEIGHTS, "out": defaults.FEATURES, "dtype": defaults.FEATURE_DTYPE,
+        "split-fractions": list(defaults.SPLIT_FRACTIONS), "seed": defaults.SEED,
+        "checkpoint-every": defaults.CHECKPOINT_EVERY}
+    assert preset["train-head"] == {"out": defaults.HEAD, "head": defaults.HEAD_KIND, "seed": defaults.SEED}
+    assert preset["evaluate"] == {"split": defaults.SPLIT, "json": defaults.METRICS}
+    assert preset["report"] == {"split": defaults.SPLIT, "out": defaults.REPORT, "seed": defaults.SEED}
