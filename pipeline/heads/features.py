@@ -2,7 +2,7 @@
 
 A feature matrix is an (N, D) ndarray or any 2-D array-like with ``.shape`` and row
 slicing (an ``h5py.Dataset``, a :class:`RowSubset`), read ``CHUNK_ROWS`` rows at a time so
-memory stays bounded. Used by the head file (prediction) and by the probes (training).
+memory stays bounded. Used by the head file (prediction) and by the estimators (training).
 """
 
 from __future__ import annotations

@@ -242,7 +242,7 @@ class LinearClassifier(_SweepClassifier):
     with Adam (learning rate ``lr``) for up to ``max_epochs``, each kept at its best
     validation epoch (early stopping after ``PATIENCE_EPOCHS`` epochs without any
     improvement); the refit trains from scratch on train + val for the chosen model's
-    best epoch count (``n_iter_["sweep_epochs"]``, the mean over cross-validation folds).
+    best epoch count (``iterations_["sweep_epochs"]``, the mean over cross-validation folds).
     Memory is bounded by the chunk size.
     """
 
