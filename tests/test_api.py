@@ -1,11 +1,10 @@
-"""The Python API (``import pipeline``): the same files and metrics as the commands, nothing heavy
-loaded at import, and every example of the README run as written."""
+"""The Python API (``import pipeline``): the same files and metrics as the commands, and nothing
+heavy loaded at import. Its examples in README.md and docs/python.md run in tests/test_docs.py."""
 
 from __future__ import annotations
 
 import inspect
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 import pipeline
 from conftest import FAST_EXTRACT, invoke, make_image_folder, write_image
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
 FAST = {"model": "resnet18", "weights": "none", "image_size": 32, "workers": 0, "batch_size": 16}  # FAST_EXTRACT's
 
 
@@ -89,25 +88,6 @@ def test_every_public_name_is_documented_with_keyword_options():
             assert len(positional) <= 3, (name, positional)  # the things worked on; options are keywords
 
 
-def python_blocks() -> list[str]:
-    """Every ```python block of the README, in order."""
-    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-
-
-def test_every_python_example_of_the_readme_runs(tmp_path, monkeypatch, capsys):
-    """Run in order in one namespace, in a folder holding ``data/`` and ``photo.jpg``, as a reader would.
-    The Export section's script takes command-line arguments: tests/test_export.py runs it."""
-    make_image_folder(tmp_path / "data", per_class=12, size=40)
-    write_image(tmp_path / "photo.jpg", (30, 200, 40), size=48)
-    monkeypatch.chdir(tmp_path)
-    blocks = [block for block in python_blocks() if "sys.argv" not in block]
-    assert len(blocks) >= 4
-    namespace = {}
-    for block in blocks:
-        exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - the README's own code
-    assert (tmp_path / "cache" / "head.pt").is_file() and capsys.readouterr().out
-
-
 def test_the_default_preset_writes_out_the_library_defaults():
     """configs/default.toml copies the defaults out for users to edit; they are stated in
     pipeline/defaults.py, so the copy must agree with it."""
@@ -115,7 +95,7 @@ def test_the_default_preset_writes_out_the_library_defaults():
 
     from pipeline import defaults
 
-    preset = tomllib.loads((README.parent / "configs" / "default.toml").read_text())
+    preset = tomllib.loads((ROOT / "configs" / "default.toml").read_text())
     assert {k: preset["extract"][k] for k in ("model", "weights", "out", "dtype", "split-fractions", "seed",
                                               "checkpoint-every")} == {
         "model": defaults.MODEL, "weights": defaults.WEIGHTS, "out": defaults.FEATURES, "dtype": defaults.FEATURE_DTYPE,
