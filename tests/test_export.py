@@ -154,9 +154,9 @@ def test_the_file_carries_what_preprocessing_needs(case):
 
 
 def readme_example() -> str:
-    """The ONNX example of the README's Export section."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("\n## Export\n", 1)[1].split("\n## ", 1)[0]
+    """The ONNX example of the Export section of docs/deployment.md (the README's until the docs moved there)."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "deployment.md").read_text()
+    section = page.split("\n## Export\n", 1)[1].split("\n## ", 1)[0]
     (code,) = [block for block in re.findall(r"```python\n(.*?)```", section, re.S) if "onnxruntime" in block]
     return code
 
