@@ -52,7 +52,7 @@ from pipeline.data import ImageFiles, decode_jpeg, open_rgb  # noqa: E402
 from pipeline.devices import default_batch_size  # noqa: E402
 from pipeline.datasets import load_fashion_mnist  # noqa: E402
 from pipeline.extract import FeatureExtractor  # noqa: E402
-from pipeline.heads import LinearProbe  # noqa: E402
+from pipeline.heads import LinearClassifier  # noqa: E402
 
 
 def sample_photos() -> list[np.ndarray]:
@@ -315,7 +315,7 @@ def probe_accuracy(features: dict[str, np.ndarray]) -> float:
     X = np.stack([features[n] for n in names])
     y = np.array([int(n.split("/")[1]) for n in names])
     train = np.array([n.startswith("train/") for n in names])
-    probe = LinearProbe(seed=0).fit(X[train], y[train])
+    probe = LinearClassifier(seed=0).fit(X[train], y[train])
     return float((probe.to_head([str(c) for c in range(10)], "", {}).predict(X[~train]) == y[~train]).mean())
 
 

@@ -4,7 +4,7 @@ From the train split of a feature file (the pool), seeded draws of 1, 2, 5 and 1
 images per class (``--draws`` per size); each draw trains
 
 - pipe: the head ``pipe train-head`` trains on a feature file with train/ and test/ folders
-  (``make_probe("linear")`` fitted on the drawn images, no val split: the strength is chosen
+  (``make_estimator("linear")`` fitted on the drawn images, no val split: the strength is chosen
   as :mod:`pipeline.heads.selection` decides for that size), and
 - scikit-learn: ``LogisticRegressionCV(cv=min(5, shots), max_iter=1000)`` (10 strengths,
   lbfgs, accuracy) on the features as they are, and the same after ``StandardScaler()``; with
@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.fewshot import draw, run_fewshot  # noqa: E402
-from pipeline.heads import make_probe  # noqa: E402
+from pipeline.heads import make_estimator  # noqa: E402
 
 SHOTS = (1, 2, 5, 10)
 
@@ -52,7 +52,7 @@ def read_splits(path):
 
 def pipe_head(X, y, X_test, y_test):
     started = time.perf_counter()
-    probe = make_probe("linear").fit(X, y)
+    probe = make_estimator("linear").fit(X, y)
     head = probe.to_head([str(c) for c in range(int(y_test.max()) + 1)], "fp", {})
     return {"accuracy": float((head.predict(X_test) == y_test).mean()), "seconds": time.perf_counter() - started,
             "strength": probe.best_strength_, "selection": probe.selection_.method,

@@ -1,7 +1,7 @@
 """Benchmark: pipe's batched torch linear probe against the scikit-learn baseline.
 
 On the same features, time and score the full strength sweep + refit of
-:class:`pipeline.heads.LinearProbe` and :class:`pipeline.heads.SklearnProbe` over the same
+:class:`pipeline.heads.LinearClassifier` and :class:`pipeline.heads.SklearnLinearClassifier` over the same
 grid, and both trainers' single fits at each strength a sweep chose (a grid of one
 strength: a single fit on train + val), on (a) a real feature file (``--features``) and
 (b) seeded synthetic features (50,000 x 2,048, 100 classes; smaller with ``--quick``).
@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.heads import LinearProbe, SklearnProbe  # noqa: E402
+from pipeline.heads import LinearClassifier, SklearnLinearClassifier  # noqa: E402
 
 PIPE, SKLEARN = "pipe (torch L-BFGS, batched grid)", "sklearn (lbfgs, one fit per strength)"
 
@@ -79,7 +79,7 @@ def time_sweep(make, splits):
         "sweep_refit_seconds": seconds,
         "strength": probe.best_strength_,
         "test_accuracy": float((head.predict(X_test) == y_test).mean()),
-        "n_iter": probe.n_iter_,
+        "n_iter": probe.iterations_,
         "converged": probe.converged_,
         "grid_scores": probe.grid_scores_,
     }
@@ -92,7 +92,7 @@ def compare(name, splits, device):
     Returns ``{trainer: figures}``, ``single_fit_seconds`` (strength -> trainer -> seconds) and ratios.
     """
     load_before = os.getloadavg()[0]
-    trainers = {PIPE: functools.partial(LinearProbe, device=device), SKLEARN: SklearnProbe}
+    trainers = {PIPE: functools.partial(LinearClassifier, device=device), SKLEARN: SklearnLinearClassifier}
     results = {label: time_sweep(make, splits) for label, make in trainers.items()}
     pipe, sk = results[PIPE], results[SKLEARN]
     chosen = dict.fromkeys([pipe["strength"], sk["strength"]])  # pipe's first, no repeats
@@ -144,7 +144,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.device != "cpu":  # start CUDA and its libraries before anything is timed
         warm = synthetic_features(2_000, 64, 4)["train"]
-        LinearProbe(grid=[1e-3, 1e-2], device=args.device).fit(*warm)
+        LinearClassifier(grid=[1e-3, 1e-2], device=args.device).fit(*warm)
     shape = (10_000, 512, 20) if args.quick else (50_000, 2048, 100)
     feature_sets = [(str(args.features), read_feature_file(args.features))] if args.features else []
     feature_sets.append(("synthetic {} x {}, {} classes".format(*shape), synthetic_features(*shape)))

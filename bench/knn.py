@@ -4,7 +4,7 @@ Synthetic features (``--classes`` Gaussian classes in 768 dimensions, float32) s
 feature file. Each phase runs in its own process, so its peak RSS (``resource.getrusage``,
 the high-water mark of the whole process: Python, torch, data and all) is its own:
 
-- fit: ``KNNProbe`` on the 100,000 references (k chosen on a 20% hold-out: 20,000 queries
+- fit: ``KNNClassifier`` on the 100,000 references (k chosen on a 20% hold-out: 20,000 queries
   against 80,000 references, for every k of the default grid at once), head saved;
 - predict: the head file loaded and 10,000 new queries classified (``head.predict_proba``);
 - baseline: the same process up to loading the head, without classifying (what Python, torch
@@ -51,11 +51,11 @@ def peak_rss_mb():
 
 
 def phase_fit(head_path, n_classes):
-    from pipeline.heads import KNNProbe
+    from pipeline.heads import KNNClassifier
 
     X, y = synthetic(N_REFERENCES, n_classes, seed=1)
     started = time.perf_counter()
-    probe = KNNProbe().fit(X, y)
+    probe = KNNClassifier().fit(X, y)
     seconds = time.perf_counter() - started
     probe.to_head([str(c) for c in range(n_classes)], "synthetic", {}).save(head_path)
     return {"seconds": seconds, "selection": probe.selection_.method, "k": probe.best_k_,

@@ -6,7 +6,7 @@ val split the strength and thresholds are chosen on, and 500 test mosaics from t
 images). ``pipe extract --manifest`` turns them into efficientnet_lite0 features (packaged
 ImageNet weights); both trainers then sweep the same 16 L2 strengths for all 10 classes on the
 same features, choose by val mAP, pick F1-optimal thresholds on val and refit on train + val:
-pipe's :class:`~pipeline.heads.MultilabelProbe` (one batched L-BFGS over every strength and
+pipe's :class:`~pipeline.heads.MultiLabelClassifier` (one batched L-BFGS over every strength and
 class) and the same probe with ``trainer="sklearn"`` (one ``LogisticRegression`` per strength
 and class). Printed side by side: sweep time, total fit time, test mAP, micro-F1.
 
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist  # noqa: E402
 from pipeline.extract import extract_features  # noqa: E402
-from pipeline.heads import MultilabelProbe  # noqa: E402
+from pipeline.heads import MultiLabelClassifier  # noqa: E402
 from pipeline.metrics import multilabel_report  # noqa: E402
 from pipeline.store import read_features  # noqa: E402
 
@@ -75,7 +75,7 @@ def run_side(trainer, features, device):
         index = features.row_indices(split)
         return features.features[index], features.targets[index]
 
-    probe = MultilabelProbe(trainer=trainer, device=device, selection="val")
+    probe = MultiLabelClassifier(trainer=trainer, device=device, selection="val")
     probe.fit(*rows("train"), *rows("val"))
     head = probe.to_head(features.classes, features.fingerprint, {})
     X_test, Y_test = rows("test")
@@ -84,7 +84,7 @@ def run_side(trainer, features, device):
             "strength": probe.best_strength_, "val_mAP": dict(probe.grid_scores_)[probe.best_strength_],
             "test_mAP": report["mAP"], "test_micro_f1": report["micro_f1"],
             "test_subset_accuracy": report["subset_accuracy"], "converged": probe.converged_,
-            "n_iter": probe.n_iter_, "grid_scores": probe.grid_scores_}
+            "n_iter": probe.iterations_, "grid_scores": probe.grid_scores_}
 
 
 def main(argv=None):

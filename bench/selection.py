@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.heads import LinearProbe  # noqa: E402
+from pipeline.heads import LinearClassifier  # noqa: E402
 from pipeline.heads.features import accuracies  # noqa: E402
 from pipeline.heads.probes import DEFAULT_GRID  # noqa: E402
 from pipeline.heads.selection import DEFAULT_STRENGTH  # noqa: E402
@@ -57,7 +57,7 @@ def test_accuracy(probe, X, y):
 def test_curve(X, y, X_test, y_test):
     """Test accuracy of every grid strength fitted on ``(X, y)`` (standardised as train-head
     does, on those rows only): the best any choice of strength could do."""
-    probe = LinearProbe(grid=[1.0]).fit(X, y)  # sets the classes and the standardisation
+    probe = LinearClassifier(grid=[1.0]).fit(X, y)  # sets the classes and the standardisation
     probe.grid_ = list(DEFAULT_GRID)
     weights, biases, _ = probe._fit_grid([("train", X, y)], None)
     return accuracies(weights, biases, X_test, np.searchsorted(probe.classes_, y_test), probe.mean_, probe.std_)
@@ -71,8 +71,8 @@ def run(splits, train_per_class, val_sizes, draws):
         for seed in range(draws):
             tr, va = draw(y_pool, [train_per_class, val_per_class], np.random.default_rng(seed))
             both = np.sort(np.concatenate([tr, va]))
-            by_val = LinearProbe(selection="val", seed=seed).fit(X_pool[tr], y_pool[tr], X_pool[va], y_pool[va])
-            by_cv = LinearProbe(selection="cv", seed=seed).fit(X_pool[tr], y_pool[tr], X_pool[va], y_pool[va])
+            by_val = LinearClassifier(selection="val", seed=seed).fit(X_pool[tr], y_pool[tr], X_pool[va], y_pool[va])
+            by_cv = LinearClassifier(selection="cv", seed=seed).fit(X_pool[tr], y_pool[tr], X_pool[va], y_pool[va])
             curve = test_curve(X_pool[both], y_pool[both], X_test, y_test)
             rows.append({
                 "val_per_class": val_per_class, "n_val": len(va), "seed": seed,

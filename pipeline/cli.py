@@ -7,11 +7,10 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from . import __version__, defaults
 from .allocator import keep_large_buffers
-from .cli_options import (DEFAULT_FEATURES, DEFAULT_HEAD, DEFAULT_METRICS, DEFAULT_REPORT, DOCS_INDEX, HEAD_TRAINERS,
-                          MAX_LR, MAX_TRIALS, MAX_WORKERS, POSITIVE, SEED, FiniteFloat, FloatList, IntList, NameList,
-                          PipeGroup, Shard, backbone_options, config_option, device_option, ensure_parent,
+from .cli_options import (DOCS_INDEX, MAX_LR, MAX_TRIALS, MAX_WORKERS, POSITIVE, SEED, FiniteFloat, FloatList, IntList,
+                          NameList, PipeGroup, Shard, backbone_options, config_option, device_option, ensure_parent,
                           global_flags, show_debug_log)
 from .cpu_sharing import let_threads_sleep
 
@@ -39,22 +38,23 @@ def main(ctx, quiet, debug):
               help="A CSV, TSV or Parquet table of the images (columns path, label, optional split) instead of DATA.")
 @click.option("--root", default=None, type=click.Path(file_okay=False),
               help="Folder the manifest's relative paths start from [default: the manifest's folder].")
-@click.option("--label-sep", default="|", show_default=True,
+@click.option("--label-sep", default=defaults.LABEL_SEP, show_default=True,
               help="Separates the labels of a multi-label manifest cell.")
 @backbone_options
-@click.option("--out", default=DEFAULT_FEATURES, show_default=True, type=click.Path(dir_okay=False))
+@click.option("--out", default=defaults.FEATURES, show_default=True, type=click.Path(dir_okay=False))
 @click.option("--batch-size", default=None, type=POSITIVE, help="Images per forward pass [default: 32 on CPU, 256 on CUDA].")
 @click.option("--workers", default=None, type=click.IntRange(0, MAX_WORKERS),
               help="DataLoader workers [default: CPU cores, at most 8].")
 @device_option
-@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
+@click.option("--dtype", default=defaults.FEATURE_DTYPE, show_default=True, type=click.Choice(["float16", "float32"]),
               help="Storage dtype of the features.")
-@click.option("--split-fractions", default="0.7,0.15,0.15", show_default=True, type=FloatList(0, 1, count=3),
+@click.option("--split-fractions", default=defaults.SPLIT_FRACTIONS, type=FloatList(0, 1, count=3),
+              show_default=",".join(map(str, defaults.SPLIT_FRACTIONS)),
               help="train,val,test fractions when the folder has no train/val/test sub-folders.")
-@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the split.")
+@click.option("--seed", default=defaults.SEED, show_default=True, type=SEED, help="Seed of the split.")
 @click.option("--overwrite", is_flag=True, help="Replace an output made with other settings.")
 @click.option("--strict", is_flag=True, help="Fail if any image cannot be read.")
-@click.option("--checkpoint-every", default=1024, show_default=True, type=POSITIVE,
+@click.option("--checkpoint-every", default=defaults.CHECKPOINT_EVERY, show_default=True, type=POSITIVE,
               help="Commit progress every N images (resume point after a crash).")
 @click.option("--full-decode/--draft-decode", default=None,
               help="Decode JPEGs at full size, or at a reduced DCT scale when much larger than the input "
@@ -94,7 +94,7 @@ def extract(obj, data, **options):
 @main.command()
 @global_flags
 @click.argument("shards", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--out", default=DEFAULT_FEATURES, show_default=True, type=click.Path(dir_okay=False))
+@click.option("--out", default=defaults.FEATURES, show_default=True, type=click.Path(dir_okay=False))
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 def merge(shards, out, overwrite):
     """Merge shard files of `pipe extract --shard I/N` into one feature file."""
@@ -106,80 +106,83 @@ def merge(shards, out, overwrite):
 
 @main.command("train-head")
 @global_flags
-@click.argument("features", default=DEFAULT_FEATURES, type=click.Path(dir_okay=False))
-@click.option("--out", default=DEFAULT_HEAD, show_default=True, type=click.Path(dir_okay=False))
-@click.option("--head", "kind", default="linear", show_default=True,
-              type=click.Choice(HEAD_TRAINERS),
+@click.argument("features", default=defaults.FEATURES, type=click.Path(dir_okay=False))
+@click.option("--out", default=defaults.HEAD, show_default=True, type=click.Path(dir_okay=False))
+@click.option("--head", "kind", default=defaults.HEAD_KIND, show_default=True,
+              type=click.Choice(defaults.HEAD_KINDS),
               help="linear: batched torch sweep; sklearn: LogisticRegression baseline; knn: weighted cosine "
                    "k-nearest-neighbours.")
 @click.option("--grid", default=None, type=FloatList(0, positive=True),
               help="Linear heads: L2 strengths to sweep [default: 16-point log grid].")
-@click.option("--k", "k", default=None, type=IntList(1), help="kNN head: k to choose from [default: 10,20,50,100].")
+@click.option("--k", "k", default=None, type=IntList(1),
+              help=f"kNN head: k to choose from [default: {','.join(map(str, defaults.KNN_KS))}].")
 @click.option("--temperature", default=None, type=FiniteFloat(min=0, min_open=True),
-              help="kNN head: each neighbour votes exp(similarity / T) [default: 0.07].")
-@click.option("--selection", default="auto", show_default=True, type=click.Choice(["auto", "val", "cv"]),
+              help=f"kNN head: each neighbour votes exp(similarity / T) [default: {defaults.KNN_TEMPERATURE}].")
+@click.option("--selection", default=defaults.SELECTION, show_default=True, type=click.Choice(["auto", "val", "cv"]),
               help="How the strength or k is chosen: auto (val when it holds enough images, else a hold-out or "
                    "k-fold cross-validation over train + val), val (val or a hold-out), cv (k-fold).")
 @click.option("--balanced", is_flag=True, help="Weight classes inversely to their frequency.")
-@click.option("--seed", default=0, show_default=True, type=SEED)
+@click.option("--seed", default=defaults.SEED, show_default=True, type=SEED)
 @device_option
 @click.option("--max-iter", default=None, type=POSITIVE,
-              help="L-BFGS iterations per fit [default: 100 linear, 1000 sklearn].")
+              help="L-BFGS iterations per fit [default: "
+                   + ", ".join(f"{n} {kind}" for kind, n in defaults.MAX_ITER.items()) + "].")
 @click.option("--tol", default=None, type=FiniteFloat(min=0, min_open=True),
-              help="Stop when the largest gradient entry is below this [1e-4].")
+              help=f"Stop when the largest gradient entry is below this [{defaults.TOL:g}].")
 @click.option("--batch-size", default=None, type=POSITIVE,
               help="Linear head: train on mini-batches streamed from the file (features larger than memory).")
 @click.option("--max-epochs", default=None, type=POSITIVE,
-              help="Mini-batch path: most epochs (early stopping on val) [30].")
+              help=f"Mini-batch path: most epochs (early stopping on val) [{defaults.MAX_EPOCHS}].")
 @config_option
 def train_head(features, out, kind, **params):
     """Train a head on cached FEATURES, choosing its L2 strength (or k) on validation data
     (multi-label files: one logistic head per class with its own threshold)."""
+    from .heads.selection import Selection
     from .train import train_head as train
 
     params = {k: v for k, v in params.items() if v is not None and v is not False}  # unset options and flags
     if kind == "sklearn":
         params.pop("device", None)
-    head, probe = train(features, out, kind, **params)
-    selection, name = probe.selection_, probe.parameter.label
+    head = train(features, head=kind, out=out, **params)
+    record = head.training
+    name = record["parameter"]
+    chosen_value, selection = record[name], Selection(**record["selection"])
 
     def shown(value):
         return f"{value:.3g}" if isinstance(value, float) else str(value)
 
-    if probe.grid_scores_:
-        label = f"{'cv' if selection.method == 'cv' else 'val'} {probe.score_name}"
+    if record["grid_scores"]:
+        label = f"{'cv' if selection.method == 'cv' else 'val'} {record['score']}"
         click.echo(f"{name:<10}  {label}")
-        stops = getattr(probe, "stop_", {})  # the linear probes' optimisers only
-        sweep_stops = stops.get("sweep") or [None] * len(probe.grid_scores_)
-        for (value, score), stop in zip(probe.grid_scores_, sweep_stops):
+        sweep_stops = record.get("stop", {}).get("sweep") or [None] * len(record["grid_scores"])  # L-BFGS heads only
+        for (value, score), stop in zip(record["grid_scores"], sweep_stops):
             note = f"  (stopped: {stop})" if stop not in (None, "converged") else ""
-            mark = "  <- chosen" if value == probe.best_value_ else ""
+            mark = "  <- chosen" if value == chosen_value else ""
             click.echo(f"{shown(value):<10}  {score:.4f}{note}{mark}")
-        chosen = f"{label} {dict(probe.grid_scores_)[probe.best_value_]:.4f}, {selection.describe()}"
+        chosen = f"{label} {dict(map(tuple, record['grid_scores']))[chosen_value]:.4f}, {selection.describe()}"
     else:
         chosen = selection.describe()
     what = f"{kind} multi-label" if head.kind == "multilabel" else kind
-    click.echo(f"{what} head: {name} {shown(probe.best_value_)} ({chosen}), "
-               f"trained in {probe.fit_seconds_:.2f} s -> {out}")
-    for warning in probe.warnings_:
+    click.echo(f"{what} head: {name} {shown(chosen_value)} ({chosen}), trained in {record['seconds']:.2f} s -> {out}")
+    for warning in record["warnings"]:
         click.echo(f"warning: {warning}", err=True)
 
 
 @main.command()
 @global_flags
-@click.option("--features", default=DEFAULT_FEATURES, show_default=True, type=click.Path(dir_okay=False))
-@click.option("--head", default=DEFAULT_HEAD, show_default=True, type=click.Path(dir_okay=False))
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
-@click.option("--json", "json_path", default=DEFAULT_METRICS, show_default=True, type=click.Path(dir_okay=False))
+@click.option("--features", default=defaults.FEATURES, show_default=True, type=click.Path(dir_okay=False))
+@click.option("--head", default=defaults.HEAD, show_default=True, type=click.Path(dir_okay=False))
+@click.option("--split", default=defaults.SPLIT, show_default=True, type=click.Choice(["train", "val", "test"]))
+@click.option("--json", "json_path", default=defaults.METRICS, show_default=True, type=click.Path(dir_okay=False))
 @click.option("--ci", is_flag=True, help="Bootstrap 95% intervals (1,000 seeded resamples) of accuracy, "
                                          "balanced accuracy and macro-F1.")
 @config_option
 def evaluate(features, head, split, json_path, ci):
     """Score a head on a split of the cached features; print and save metrics."""
-    from .evaluate import evaluate_head
+    from .evaluate import evaluate as evaluate_head
     from .metrics import format_multilabel_report, format_report
 
-    report = evaluate_head(features, head, split, ci)
+    report = evaluate_head(head, features, split=split, ci=ci)
     click.echo(format_multilabel_report(report) if "mAP" in report else format_report(report))
     Path(ensure_parent(json_path)).write_text(json.dumps(report, indent=2))
     click.echo(f"metrics -> {json_path}")
@@ -187,11 +190,11 @@ def evaluate(features, head, split, json_path, ci):
 
 @main.command()
 @global_flags
-@click.option("--features", default=DEFAULT_FEATURES, show_default=True, type=click.Path(dir_okay=False))
-@click.option("--head", default=DEFAULT_HEAD, show_default=True, type=click.Path(dir_okay=False))
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "val", "test"]))
-@click.option("--out", default=DEFAULT_REPORT, show_default=True, type=click.Path(dir_okay=False))
-@click.option("--seed", default=0, show_default=True, type=SEED,
+@click.option("--features", default=defaults.FEATURES, show_default=True, type=click.Path(dir_okay=False))
+@click.option("--head", default=defaults.HEAD, show_default=True, type=click.Path(dir_okay=False))
+@click.option("--split", default=defaults.SPLIT, show_default=True, type=click.Choice(["train", "val", "test"]))
+@click.option("--out", default=defaults.REPORT, show_default=True, type=click.Path(dir_okay=False))
+@click.option("--seed", default=defaults.SEED, show_default=True, type=SEED,
               help="Seed of the bootstrap, of the label-issue folds and of the sample of map points.")
 @config_option
 def report(features, head, split, out, seed):
@@ -209,11 +212,11 @@ def report(features, head, split, out, seed):
 @main.command()
 @global_flags
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
-@click.option("--head", default=DEFAULT_HEAD, show_default=True, type=click.Path(dir_okay=False))
-@click.option("--topk", default=3, show_default=True, type=POSITIVE,
+@click.option("--head", default=defaults.HEAD, show_default=True, type=click.Path(dir_okay=False))
+@click.option("--topk", default=defaults.TOPK, show_default=True, type=POSITIVE,
               help="Classes shown per image (a multi-label head shows every class above its threshold).")
 @device_option
-@click.option("--batch-size", default=32, show_default=True, type=POSITIVE)
+@click.option("--batch-size", default=defaults.PREDICT_BATCH_SIZE, show_default=True, type=POSITIVE)
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
               help="Also write each image's top-k classes and probabilities as JSON.")
 @config_option
@@ -237,14 +240,14 @@ def predict(inputs, head, topk, device, batch_size, json_path):
 
 @main.command()
 @global_flags
-@click.argument("features", default=DEFAULT_FEATURES, type=click.Path(dir_okay=False))
+@click.argument("features", default=defaults.FEATURES, type=click.Path(dir_okay=False))
 @click.option("--shots", default="1,2,5,10,20", show_default=True, type=IntList(1),
               help="Training images per class to draw.")
 @click.option("--trials", default=5, show_default=True, type=click.IntRange(2, MAX_TRIALS),
               help="Seeded draws per shot count (the 95% interval is over them).")
-@click.option("--heads", default="linear,knn", show_default=True, type=NameList(HEAD_TRAINERS),
+@click.option("--heads", default="linear,knn", show_default=True, type=NameList(defaults.HEAD_KINDS),
               help="Head kinds to fit on each draw.")
-@click.option("--seed", default=0, show_default=True, type=SEED)
+@click.option("--seed", default=defaults.SEED, show_default=True, type=SEED)
 @device_option
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
               help='Write {"shots", "trials", "<head>": {"mean", "ci95", "per_trial"}} as JSON.')
@@ -275,7 +278,7 @@ def fewshot(features, shots, trials, heads, seed, device, json_path, plot_path):
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Also write the ranking as JSON.")
 @click.option("--markdown", is_flag=True, help="Print a Markdown table.")
-@click.option("--seed", default=0, show_default=True, type=SEED)
+@click.option("--seed", default=defaults.SEED, show_default=True, type=SEED)
 @device_option
 def compare(files, json_path, markdown, seed, device):
     """Rank feature files of the same images (backbones, layers, pooling) by test accuracy."""
@@ -290,7 +293,7 @@ def compare(files, json_path, markdown, seed, device):
 
 @main.command()
 @global_flags
-@click.option("--head", default=DEFAULT_HEAD, show_default=True, type=click.Path(dir_okay=False))
+@click.option("--head", default=defaults.HEAD, show_default=True, type=click.Path(dir_okay=False))
 @click.option("--format", "fmt", default=None, type=click.Choice(["onnx", "torchscript"]),
               help="onnx (needs the export extra: pip install 'pipe[export]') or torchscript. Required.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
@@ -358,7 +361,7 @@ def models(family, offline, include_timm):
 @click.option("--batch-size", default=32, show_default=True, type=POSITIVE)
 @click.option("--lr", default=0.01, show_default=True, type=FiniteFloat(0, MAX_LR, min_open=True),
               help=f"SGD learning rate (momentum 0.9, cosine), at most {MAX_LR:g}: beyond that SGD only diverges.")
-@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of --limit, batch order and head init.")
+@click.option("--seed", default=defaults.SEED, show_default=True, type=SEED, help="Seed of --limit, batch order and head init.")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="Write the results as JSON.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Plot accuracy vs time (needs matplotlib; evaluates after every epoch).")
@@ -385,7 +388,7 @@ def bench(obj, data, limit, json_path, plot_path, **settings):
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--train-per-class", default=None, type=POSITIVE)
 @click.option("--test-per-class", default=None, type=POSITIVE)
-@click.option("--seed", default=0, show_default=True, type=SEED)
+@click.option("--seed", default=defaults.SEED, show_default=True, type=SEED)
 def make_dataset(name, out, **sizes):
     """Write a small real dataset as an image folder (train/ and test/), offline."""
     from .datasets import DATASETS

@@ -10,13 +10,9 @@ from pathlib import Path
 
 import click
 
+from . import defaults
 from .config import command_defaults
 from .errors import PipeError
-
-DEFAULT_FEATURES = "cache/features.h5"
-DEFAULT_HEAD = "cache/head.pt"
-DEFAULT_METRICS = "cache/metrics.json"
-DEFAULT_REPORT = "cache/report.html"
 
 POSITIVE = click.IntRange(min=1)
 SEED = click.IntRange(0, 2**32 - 1)  # what numpy, torch and scikit-learn all accept
@@ -24,7 +20,6 @@ MAX_WORKERS = 128  # DataLoader processes; more would only exhaust the machine
 MAX_IMAGE_SIZE = 4096
 MAX_LR = 10.0
 MAX_TRIALS = 1000  # seeded draws per shot count of pipe fewshot
-HEAD_TRAINERS = ("linear", "sklearn", "knn")  # pipeline.heads.make_probe's names
 
 # The page that explains each command, named once: each command's --help ends with it, and
 # tests/test_docs.py checks that every command has one and that it exists (anchor included).
@@ -224,8 +219,8 @@ def _load_config(ctx: click.Context, param, value):
 def backbone_options(command):
     """``--model``, ``--weights`` and ``--image-size``: declared once for every command that builds a backbone."""
     options = [
-        click.option("--model", default="efficientnet_lite0", show_default=True, help="Backbone name (see `pipe models`)."),
-        click.option("--weights", default="DEFAULT", show_default=True,
+        click.option("--model", default=defaults.MODEL, show_default=True, help="Backbone name (see `pipe models`)."),
+        click.option("--weights", default=defaults.WEIGHTS, show_default=True,
                      help="DEFAULT, a weights enum name (IMAGENET1K_V2), a state_dict file, or none."),
         click.option("--image-size", default=None, type=click.IntRange(1, MAX_IMAGE_SIZE), help="Crop size, overriding the weights' transform."),
     ]
@@ -234,7 +229,7 @@ def backbone_options(command):
     return command
 
 
-device_option = click.option("--device", default="auto", show_default=True,
+device_option = click.option("--device", default=defaults.DEVICE, show_default=True,
                              help="auto (CUDA when present), cpu or cuda.")
 config_option = click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
                              callback=_load_config, help="TOML preset; its [command] table sets defaults.")

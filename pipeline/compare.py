@@ -59,9 +59,9 @@ def check_same_images(files: list[FeatureSet]) -> None:
 def score_file(features: FeatureSet, seed: int = 0, device: str = "auto") -> Contender:
     """Train a linear and a kNN head on one feature file and score them on its test split."""
     X_test, y_test = features.rows("test")
-    linear, _ = fit_head(features, "linear", seed=seed, device=device)
+    linear = fit_head(features, "linear", seed=seed, device=device)
     proba = linear.predict_proba(X_test)
-    knn, _ = fit_head(features, "knn", seed=seed, device=device)
+    knn = fit_head(features, "knn", seed=seed, device=device)
     identity = features.attrs["identity"]
     return Contender(
         file=str(features.path), model=features.attrs["model"], weights=features.attrs["weights"],

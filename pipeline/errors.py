@@ -7,3 +7,9 @@ class PipeError(Exception):
     The CLI prints ``error: <message>`` on stderr and exits with status 2, without a
     traceback. The message names the file or option at fault and says what to do.
     """
+
+
+class PipeValueError(PipeError, ValueError):
+    """A bad value passed to the library (features, labels, a parameter): one clean line on the
+    command line like any :class:`PipeError`, and a ``ValueError`` for Python callers, as
+    scikit-learn's estimator contract requires."""

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, defaults
 from .devices import default_batch_size, default_workers, resolve_device
 from .errors import PipeError
 from .manifest import read_manifest
-from .scan import DEFAULT_SPLIT_FRACTIONS, display_path, scan_image_folder, split_warnings
+from .scan import display_path, scan_image_folder, split_warnings
 from .store import FEATURE_DTYPES, ExtractionCache, Rows, extraction_record, is_up_to_date
 
 # torch is imported only once there is work to do: an up-to-date run stays fast
@@ -94,19 +94,19 @@ def _check_options(dtype: str, batch_size: int | None, checkpoint_every: int) ->
 
 def extract_features(
     data_root=None,
-    model: str = "efficientnet_lite0",
-    weights: str = "DEFAULT",
-    out="cache/features.h5",
+    model: str = defaults.MODEL,
+    weights: str = defaults.WEIGHTS,
+    out=defaults.FEATURES,
     batch_size: int | None = None,
     workers: int | None = None,
     device: str = "auto",
     image_size: int | None = None,
-    dtype: str = "float16",
-    split_fractions=DEFAULT_SPLIT_FRACTIONS,
-    seed: int = 0,
+    dtype: str = defaults.FEATURE_DTYPE,
+    split_fractions=defaults.SPLIT_FRACTIONS,
+    seed: int = defaults.SEED,
     overwrite: bool = False,
     strict: bool = False,
-    checkpoint_every: int = 1024,
+    checkpoint_every: int = defaults.CHECKPOINT_EVERY,
     progress: bool = True,
     shard: tuple[int, int] | None = None,
     layer: str | None = None,
@@ -116,7 +116,7 @@ def extract_features(
     compile: bool = False,
     manifest_file=None,
     root=None,
-    label_sep: str = "|",
+    label_sep: str = defaults.LABEL_SEP,
 ) -> ExtractSummary:
     """Extract features for every image under ``data_root``, or listed in the table
     ``manifest_file`` (CSV, TSV or Parquet; paths relative to ``root``, by default the table's

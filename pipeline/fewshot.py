@@ -17,7 +17,7 @@ import numpy as np
 from scipy import stats
 
 from .errors import PipeError
-from .heads import make_probe
+from .heads import make_estimator
 from .plotting import pyplot, save_figure
 from .store import read_features
 from .train import require_single_label
@@ -65,7 +65,7 @@ class FewshotResult:
 
 def run_fewshot(features_path, shots=DEFAULT_SHOTS, trials=DEFAULT_TRIALS, heads=DEFAULT_HEADS, seed=0,
                 device="auto") -> FewshotResult:
-    """Few-shot curves of ``heads`` (trainer names of :func:`pipeline.heads.make_probe`) on a
+    """Few-shot curves of ``heads`` (trainer names of :func:`pipeline.heads.make_estimator`) on a
     feature file's train (drawn from) and test (scored on) splits.
 
     A shot count larger than the smallest class of the train split is skipped and said so in
@@ -91,8 +91,7 @@ def run_fewshot(features_path, shots=DEFAULT_SHOTS, trials=DEFAULT_TRIALS, heads
             rows = draw(y_train, count, [seed, count, trial])
             for head in heads:
                 params = {"seed": seed} | ({} if head == "sklearn" else {"device": device})
-                probe = make_probe(head, **params).fit(X_train[rows], y_train[rows])
-                predicted = probe.to_head(features.classes, features.fingerprint, {}).predict(X_test)
+                predicted = make_estimator(head, **params).fit(X_train[rows], y_train[rows]).predict(X_test)
                 per_trial[head][i].append(float((predicted == y_test).mean()))
     return FewshotResult(str(features.path), usable, trials, per_trial, skipped, time.perf_counter() - started)
 

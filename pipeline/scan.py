@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from . import defaults
 from .errors import PipeError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 SPLITS = ("train", "val", "test")
-DEFAULT_SPLIT_FRACTIONS = (0.7, 0.15, 0.15)
+DEFAULT_SPLIT_FRACTIONS = defaults.SPLIT_FRACTIONS
 # An accuracy on fewer images of a class than this says little about that class (one image
 # moves its recall by 10 points or more), so an automatic split that leaves fewer is worth a warning.
 MIN_EVAL_PER_CLASS = 10

@@ -7,8 +7,9 @@ from contextlib import nullcontext
 
 import numpy as np
 
+from . import defaults
 from .errors import PipeError
-from .heads import Head, MultilabelProbe, RowSubset, make_probe
+from .heads import Head, MultiLabelClassifier, RowSubset, make_estimator
 from .store import FeatureSet, feature_matrix, read_features
 
 
@@ -18,25 +19,33 @@ def feature_source(features) -> dict:
     return {**{k: features.attrs[k] for k in keys}, "feature_file": str(features.path)}
 
 
-def train_head(features_path, out="cache/head.pt", kind: str = "linear", **params):
-    """Train a ``kind`` head ("linear", "sklearn" or "knn") on the train split of a feature
-    file, choosing its parameter (L2 strength, k) on ``val`` or splits of train + val
-    (:mod:`pipeline.heads.selection`), and save it to ``out``.
+def train_head(features, *, head: str = defaults.HEAD_KIND, out=None, **params) -> Head:
+    """Train a head on the train split of ``features`` (a :class:`~pipeline.FeatureSet` or the
+    path of a feature file), choosing its parameter (L2 strength, k) on ``val`` or splits of
+    train + val (:mod:`pipeline.heads.selection`); what ``pipe train-head`` runs.
 
-    ``params`` go to the probe (grid, balanced, seed, device, max_iter, ...; k, temperature). Returns
-    ``(head, probe)``; the probe holds the grid scores and timing. With ``batch_size`` set
-    the linear head trains on mini-batches read from the file as it goes, so the features
-    never need to fit in memory. A multi-label file gets a multi-label head
-    (:func:`train_multilabel_head`).
+    ``head`` is "linear" (:class:`~pipeline.LinearClassifier`), "sklearn" (its scikit-learn
+    baseline) or "knn" (:class:`~pipeline.KNNClassifier`); a multi-label feature file gets a
+    :class:`~pipeline.MultiLabelClassifier` head ("linear" or "sklearn" trainer). ``params`` are
+    the estimator's (``grid``, ``selection``, ``balanced``, ``seed``, ``device``, ``max_iter``,
+    ``tol``, ``batch_size``, ``max_epochs``; ``k``, ``temperature``), with its defaults. With
+    ``batch_size`` set the linear head trains on mini-batches read from the file as it goes,
+    so the features never need to fit in memory. The head is saved to ``out`` when given.
+    Returns the :class:`~pipeline.Head`; ``head.training`` records how it was trained.
     """
     streamed = params.get("batch_size") is not None
-    features = read_features(features_path, with_features=not streamed)
+    if not isinstance(features, FeatureSet):
+        features = read_features(features, with_features=not streamed)
+    elif features.features is None and not streamed:
+        features = read_features(features.path)
     if features.multilabel:
-        return train_multilabel_head(features, out, kind, **params)
-    with feature_matrix(features.path) if streamed else nullcontext(features.features) as matrix:
-        head, probe = fit_head(features, kind, matrix, **params)
-    head.save(out)
-    return head, probe
+        trained = fit_multilabel_head(features, head, **params)
+    else:
+        with feature_matrix(features.path) if streamed else nullcontext(features.features) as matrix:
+            trained = fit_head(features, head, matrix, **params)
+    if out is not None:
+        trained.save(out)
+    return trained
 
 
 def require_single_label(features: FeatureSet) -> None:
@@ -47,11 +56,10 @@ def require_single_label(features: FeatureSet) -> None:
                         "(pipe train-head trains multi-label heads)")
 
 
-def fit_head(features: FeatureSet, kind: str = "linear", matrix=None, **params) -> tuple[Head, object]:
+def fit_head(features: FeatureSet, kind: str = defaults.HEAD_KIND, matrix=None, **params) -> Head:
     """Fit a ``kind`` head on the train split (and val, when it has images) of single-label
-    ``features`` without saving it; returns ``(head, probe)``. ``matrix`` is the feature matrix
-    to read rows from (default ``features.features``; an ``h5py.Dataset`` for the streamed
-    linear head)."""
+    ``features`` without saving it. ``matrix`` is the feature matrix to read rows from
+    (default ``features.features``; an ``h5py.Dataset`` for the streamed linear head)."""
     require_single_label(features)
     present = np.unique(features.labels[features.row_indices("train")])
     if len(present) < 2:
@@ -65,17 +73,16 @@ def fit_head(features: FeatureSet, kind: str = "linear", matrix=None, **params) 
 
     X_train, y_train = split_rows("train")
     X_val, y_val = split_rows("val") if features.split_counts()["val"] else (None, None)
-    probe = make_probe(kind, **params).fit(X_train, y_train, X_val, y_val)
-    return probe.to_head(features.classes, features.fingerprint, feature_source(features)), probe
+    estimator = make_estimator(kind, **params).fit(X_train, y_train, X_val, y_val)
+    return estimator.to_head(features.classes, features.fingerprint, feature_source(features))
 
 
 MULTILABEL_OPTIONS = ("grid", "selection", "seed", "device", "max_iter", "tol")
 
 
-def train_multilabel_head(features, out, kind: str = "linear", **params):
-    """Train a multi-label head (:class:`~pipeline.heads.MultilabelProbe`, ``kind`` "linear" or
-    "sklearn") on a multi-label feature file read with its features, and save it to ``out``.
-    Returns ``(head, probe)``."""
+def fit_multilabel_head(features: FeatureSet, kind: str = defaults.HEAD_KIND, **params) -> Head:
+    """Fit a multi-label head (:class:`~pipeline.heads.MultiLabelClassifier`, ``kind`` "linear" or
+    "sklearn") on a multi-label feature file read with its features, without saving it."""
     unsupported = sorted(k for k, v in params.items() if k not in MULTILABEL_OPTIONS and v not in (None, False))
     params = {k: v for k, v in params.items() if k in MULTILABEL_OPTIONS}
     if unsupported:
@@ -89,7 +96,6 @@ def train_multilabel_head(features, out, kind: str = "linear", **params):
         return features.features[rows], features.targets[rows]
 
     X_val, Y_val = split_rows("val") if features.split_counts()["val"] else (None, None)
-    probe = MultilabelProbe(trainer=kind, class_names=features.classes, **params).fit(*split_rows("train"), X_val, Y_val)
-    head = probe.to_head(features.classes, features.fingerprint, feature_source(features))
-    head.save(out)
-    return head, probe
+    estimator = MultiLabelClassifier(trainer=kind, class_names=features.classes, **params)
+    estimator.fit(*split_rows("train"), X_val, Y_val)
+    return estimator.to_head(features.classes, features.fingerprint, feature_source(features))

@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 
 from pipeline.datasets import make_digits
-from pipeline.evaluate import evaluate_head
+from pipeline.evaluate import evaluate
 from pipeline.extract import extract_features
 from pipeline.train import train_head
 
@@ -28,8 +28,8 @@ def test_efficientnet_lite0_linear_head_on_digits(tmp_path):
         split = f["split"].asstr()[:]
     assert (split == "train").sum() == 500 and (split == "test").sum() == 300
 
-    head, probe = train_head(features, tmp_path / "head.pt")
-    report = evaluate_head(features, tmp_path / "head.pt", "test")
+    train_head(features, out=tmp_path / "head.pt")
+    report = evaluate(tmp_path / "head.pt", features)
     assert report["n"] == 300
     assert report["classes"] == [str(d) for d in range(10)]
     assert report["accuracy"] >= 0.90, report["accuracy"]

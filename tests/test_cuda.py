@@ -117,12 +117,12 @@ def test_predict_on_cuda_agrees_with_cpu(cpu_features, run_cli, tmp_path):
 
 
 def test_knn_head_on_cuda_matches_cpu():
-    from pipeline.heads import KNNProbe
+    from pipeline.heads import KNNClassifier
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(300, 32)).astype(np.float32) + np.repeat(rng.normal(0, 2, (3, 32)), 100, axis=0)
     y = np.repeat(np.arange(3), 100)
-    probes = {device: KNNProbe(k=[5, 20], device=device).fit(X[::2], y[::2]) for device in ("cpu", "cuda")}
+    probes = {device: KNNClassifier(k=[5, 20], device=device).fit(X[::2], y[::2]) for device in ("cpu", "cuda")}
     scores = {device: [score for _, score in probe.grid_scores_] for device, probe in probes.items()}
     np.testing.assert_allclose(scores["cuda"], scores["cpu"], atol=1e-6)
     heads = {device: probe.to_head(["a", "b", "c"], "fp", {}) for device, probe in probes.items()}

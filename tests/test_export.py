@@ -14,6 +14,7 @@ the files to predict's own output, float16 features and all, rather than to a fl
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import subprocess
@@ -153,9 +154,9 @@ def test_the_file_carries_what_preprocessing_needs(case):
 
 
 def readme_example() -> str:
-    """The ONNX example of the README's Export section."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("\n## Export\n", 1)[1].split("\n## ", 1)[0]
+    """The ONNX example of the Export section of docs/deployment.md (the README's until the docs moved there)."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "deployment.md").read_text()
+    section = page.split("\n## Export\n", 1)[1].split("\n## ", 1)[0]
     (code,) = [block for block in re.findall(r"```python\n(.*?)```", section, re.S) if "onnxruntime" in block]
     return code
 
@@ -219,7 +220,7 @@ def test_a_class_absent_from_training_gets_probability_zero_not_nan(small_head, 
 
 
 def test_an_onnx_model_too_large_for_one_file_keeps_its_weights_beside_it(small_head, tmp_path, monkeypatch):
-    monkeypatch.setattr("pipeline.export.ONNX_SINGLE_FILE_BYTES", 0)  # what a model over 1 GB gets
+    monkeypatch.setattr(importlib.import_module("pipeline.export"), "ONNX_SINGLE_FILE_BYTES", 0)  # what a model over 1 GB gets
     result = export_head(small_head, "onnx", tmp_path / "model.onnx")
     assert result.files == [tmp_path / "model.onnx", tmp_path / "model.onnx.data"]
     assert all(f.is_file() for f in result.files) and sorted(p.name for p in tmp_path.iterdir()) == \

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.evaluate import evaluate_head
+from pipeline.evaluate import evaluate
 from pipeline.heads import LinearHead
 from pipeline.predict import predict_images
 from pipeline.store import read_features
@@ -38,7 +38,7 @@ def test_feature_and_head_files_written_before_the_packages_give_the_same_result
     assert features.features.shape == (18, 512) and features.classes == ["blue", "green", "red"]
     assert features.split_counts() == {"train": 12, "val": 0, "test": 6}
 
-    report = evaluate_head(run / "features.h5", run / "head.pt", "test")
+    report = evaluate(run / "head.pt", run / "features.h5")
     assert {k: v for k, v in report.items() if k != "split"} == \
         {k: v for k, v in expected["evaluate"].items() if k != "split"}
 

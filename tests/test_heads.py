@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.errors import PipeError
-from pipeline.heads import LinearHead, LinearProbe, SklearnProbe, load_head, make_probe
+from pipeline.heads import LinearHead, LinearClassifier, SklearnLinearClassifier, load_head, make_estimator
 from pipeline.heads.lbfgs import batched_lbfgs  # the solver under test
 from pipeline.heads.multinomial import FeatureSpectrum, Preconditioner, fit_multinomial, multinomial_loss_and_grad
 
@@ -33,7 +33,7 @@ def accuracy(probe, X, y):
 @pytest.fixture(scope="module")
 def fitted():
     X, y = blobs(600, spread=2.0)
-    probe = LinearProbe(grid=GRID).fit(X[:400], y[:400], X[400:500], y[400:500])
+    probe = LinearClassifier(grid=GRID).fit(X[:400], y[:400], X[400:500], y[400:500])
     return probe, X[500:], y[500:]
 
 
@@ -103,7 +103,7 @@ def test_fingerprint_mismatch_names_both(fitted, tmp_path):
 
 def test_linear_and_sklearn_agree_on_separable_data():
     X, y = blobs(400, spread=0.5)
-    probes = [cls(grid=GRID).fit(X[:200], y[:200], X[200:300], y[200:300]) for cls in (LinearProbe, SklearnProbe)]
+    probes = [cls(grid=GRID).fit(X[:200], y[:200], X[200:300], y[200:300]) for cls in (LinearClassifier, SklearnLinearClassifier)]
     assert all(accuracy(p_, X[300:], y[300:]) == 1.0 for p_ in probes)
     np.testing.assert_array_equal(as_head(probes[0]).predict(X[300:]), as_head(probes[1]).predict(X[300:]))
 
@@ -111,7 +111,7 @@ def test_linear_and_sklearn_agree_on_separable_data():
 def test_linear_and_sklearn_score_each_strength_alike():
     X, y = blobs(900, n_classes=4, spread=4.0, seed=1)
     linear, sk = (cls(grid=GRID, max_iter=500).fit(X[:500], y[:500], X[500:], y[500:])
-                  for cls in (LinearProbe, SklearnProbe))
+                  for cls in (LinearClassifier, SklearnLinearClassifier))
     for (s_lin, a_lin), (s_sk, a_sk) in zip(linear.grid_scores_, sk.grid_scores_):
         assert s_lin == s_sk and abs(a_lin - a_sk) <= 0.01
     assert abs(np.log10(linear.best_strength_ / sk.best_strength_)) <= 1
@@ -125,7 +125,7 @@ def test_sweep_trains_one_model_per_strength_and_strong_penalty_hurts():
     y = rng.integers(0, 2, 600)
     shared = rng.normal(0, 5, 600)
     X = np.stack([y + shared + 0.1 * rng.normal(size=600), shared], axis=1).astype(np.float32)
-    probe = LinearProbe(grid=[1e-5, 1e-3, 10.0]).fit(X[:400], y[:400], X[400:], y[400:])
+    probe = LinearClassifier(grid=[1e-5, 1e-3, 10.0]).fit(X[:400], y[:400], X[400:], y[400:])
     scores = dict(probe.grid_scores_)
     assert len(probe.grid_scores_) == 3
     assert scores[1e-5] > 0.95 and scores[10.0] < 0.8
@@ -134,12 +134,12 @@ def test_sweep_trains_one_model_per_strength_and_strong_penalty_hurts():
 
 def test_same_seed_same_model():
     X, y = blobs(300, spread=2.0)
-    first, second = (LinearProbe(grid=GRID, seed=3).fit(X, y) for _ in range(2))
+    first, second = (LinearClassifier(grid=GRID, seed=3).fit(X, y) for _ in range(2))
     np.testing.assert_array_equal(first.weight_, second.weight_)
     assert first.grid_scores_ == second.grid_scores_
 
 
-@pytest.mark.parametrize("cls", [LinearProbe, SklearnProbe])
+@pytest.mark.parametrize("cls", [LinearClassifier, SklearnLinearClassifier])
 def test_balanced_weights_raise_minority_recall(cls):
     X, y = blobs(4000, n_dims=4, n_classes=2, spread=5.0, seed=2, weights=[0.95, 0.05])
     recalls = []
@@ -155,9 +155,9 @@ def test_mini_batch_over_hdf5_matches_full_batch(tmp_path):
     with h5py.File(tmp_path / "f.h5", "w") as f:
         f["train"], f["val"] = X[:1000], X[1000:1200]
     grid = [1e-3, 1e-1]
-    full = LinearProbe(grid=grid).fit(X[:1000], y[:1000], X[1000:1200], y[1000:1200])
+    full = LinearClassifier(grid=grid).fit(X[:1000], y[:1000], X[1000:1200], y[1000:1200])
     with h5py.File(tmp_path / "f.h5", "r") as f:
-        streamed = LinearProbe(grid=grid, batch_size=256, max_epochs=10).fit(f["train"], y[:1000], f["val"], y[1000:1200])
+        streamed = LinearClassifier(grid=grid, batch_size=256, max_epochs=10).fit(f["train"], y[:1000], f["val"], y[1000:1200])
     assert accuracy(streamed, X[1200:], y[1200:]) >= accuracy(full, X[1200:], y[1200:]) - 0.02
 
 
@@ -166,25 +166,27 @@ def test_mini_batch_holds_out_validation_from_an_hdf5_dataset(tmp_path):
     with h5py.File(tmp_path / "f.h5", "w") as f:
         f["features"] = X
     with h5py.File(tmp_path / "f.h5", "r") as f:
-        probe = LinearProbe(grid=[1e-3, 1e-2], selection="val").fit(f["features"], y)
+        probe = LinearClassifier(grid=[1e-3, 1e-2], selection="val").fit(f["features"], y)
     assert probe.selection_.method == "holdout"
     assert probe.n_train_ == 400 and probe.n_val_ == 100 and accuracy(probe, X, y) > 0.95
 
 
 def test_classes_missing_from_train_are_never_predicted():
     X, y = blobs(300)
-    head = LinearProbe(grid=[1e-3]).fit(X, y).to_head(["a", "b", "c", "d"], "fp", {})
+    head = LinearClassifier(grid=[1e-3]).fit(X, y).to_head(["a", "b", "c", "d"], "fp", {})
     assert head.weight.shape == (4, 16) and head.predict_proba(X)[:, 3].max() == 0
 
 
-@pytest.mark.parametrize("cls", [LinearProbe, SklearnProbe])
+@pytest.mark.parametrize("cls", [LinearClassifier, SklearnLinearClassifier])
 @pytest.mark.parametrize("case, message", [
     ("one_class", "at least 2 classes"),
-    ("empty", "empty"),
-    ("length", "labels"),
+    ("empty", "0 sample"),
+    ("length", "inconsistent numbers of samples"),
     ("nan", "NaN"),
 ])
 def test_bad_training_input_is_a_pipe_error(cls, case, message):
+    """One line naming the split, both a PipeError (the CLI prints it) and a ValueError
+    (scikit-learn's contract)."""
     X, y = blobs(50)
     if case == "one_class":
         y = np.zeros_like(y)
@@ -194,17 +196,18 @@ def test_bad_training_input_is_a_pipe_error(cls, case, message):
         y = y[:-1]
     else:
         X[3, 2] = np.nan
-    with pytest.raises(PipeError, match=message):
+    with pytest.raises(PipeError, match=message) as error:
         cls(grid=[1e-3]).fit(X, y)
+    assert isinstance(error.value, ValueError)
 
 
 def test_make_probe_builds_by_name_and_rejects_unknown():
-    assert isinstance(make_probe("linear", batch_size=64), LinearProbe)
-    assert isinstance(make_probe("sklearn", balanced=True), SklearnProbe)
+    assert isinstance(make_estimator("linear", batch_size=64), LinearClassifier)
+    assert isinstance(make_estimator("sklearn", balanced=True), SklearnLinearClassifier)
     with pytest.raises(PipeError, match="unknown head trainer"):
-        make_probe("svm")
+        make_estimator("svm")
     with pytest.raises(PipeError, match="batch_size"):
-        make_probe("sklearn", batch_size=64)
+        make_estimator("sklearn", batch_size=64)
 
 
 def mean_cross_entropy(params, X, y, strength):
@@ -260,10 +263,10 @@ def test_low_rank_preconditioning_reaches_the_same_solution():
 
 def test_one_strength_is_fitted_once_on_train_and_val():
     X, y = blobs(500, spread=2.0)
-    probe = LinearProbe(grid=[1e-2]).fit(X[:300], y[:300], X[300:400], y[300:400])
+    probe = LinearClassifier(grid=[1e-2]).fit(X[:300], y[:300], X[300:400], y[300:400])
     assert probe.grid_scores_ == [] and (probe.n_train_, probe.n_val_) == (300, 100)
-    assert list(probe.n_iter_) == ["refit"]
-    reference = SklearnProbe(grid=[1e-2]).fit(X[:400], y[:400])  # no val given: all 400 rows
+    assert list(probe.iterations_) == ["refit"]
+    reference = SklearnLinearClassifier(grid=[1e-2]).fit(X[:400], y[:400])  # no val given: all 400 rows
     np.testing.assert_allclose(probe.weight_, reference.weight_, atol=0.02)
 
 
@@ -348,7 +351,7 @@ def test_a_model_whose_loss_turns_nan_stops_in_the_line_search_at_its_last_accep
     assert torch.isfinite(result.params).all()
 
 
-@pytest.mark.parametrize("cls", [LinearProbe, SklearnProbe])
+@pytest.mark.parametrize("cls", [LinearClassifier, SklearnLinearClassifier])
 def test_probes_record_why_each_fit_stopped(cls):
     X, y = blobs(400, spread=2.0)
     converged = cls(grid=[1e-3, 1e-1], selection="val").fit(X[:300], y[:300], X[300:], y[300:])
@@ -361,6 +364,6 @@ def test_probes_record_why_each_fit_stopped(cls):
 
 def test_probe_parameters_are_keywords():
     with pytest.raises(TypeError):
-        LinearProbe([1e-3])
+        LinearClassifier([1e-3])
     with pytest.raises(TypeError):
-        SklearnProbe([1e-3])
+        SklearnLinearClassifier([1e-3])

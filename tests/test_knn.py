@@ -6,7 +6,7 @@ import torch
 
 from conftest import assert_clean_error, invoke
 from pipeline.errors import PipeError
-from pipeline.heads import KNNHead, KNNProbe, LinearProbe, load_head, make_probe
+from pipeline.heads import KNNHead, KNNClassifier, LinearClassifier, load_head, make_estimator
 from pipeline.heads import knn as knn_module
 from pipeline.heads.selection import MAX_FOLDS
 from test_options import tiny  # noqa: F401  (the fixture)
@@ -36,7 +36,7 @@ def brute_force_proba(X_ref, y_ref, X, k, temperature, n_classes):
 def test_the_head_votes_with_weights_exp_similarity_over_temperature():
     X, y = blobs(25, spread=4.0)
     X, y, X_query = X[:60], y[:60], X[60:]
-    head = KNNProbe(k=[7], temperature=0.5).fit(X, y).to_head(["a", "b", "c"], "fp", {})
+    head = KNNClassifier(k=[7], temperature=0.5).fit(X, y).to_head(["a", "b", "c"], "fp", {})
     expected = brute_force_proba(X, y, X_query, 7, 0.5, 3)
     np.testing.assert_allclose(head.predict_proba(X_query), expected, atol=2e-3)  # float16 references
 
@@ -56,7 +56,7 @@ def test_blocked_top_k_equals_the_full_sort(monkeypatch):
 
 def test_head_file_stores_float16_references_and_loads_without_pickle(tmp_path):
     X, y = blobs(10)
-    head = KNNProbe().fit(X[::2], y[::2], X[1::2], y[1::2]).to_head(["a", "b", "c"], "fp", {"model": "toy"})
+    head = KNNClassifier().fit(X[::2], y[::2], X[1::2], y[1::2]).to_head(["a", "b", "c"], "fp", {"model": "toy"})
     head.save(tmp_path / "knn.pt")
     raw = torch.load(tmp_path / "knn.pt", weights_only=True)
     assert raw["format"] == "pipe-head" and raw["kind"] == "knn"
@@ -70,8 +70,8 @@ def test_head_file_stores_float16_references_and_loads_without_pickle(tmp_path):
 
 def test_k_is_chosen_like_the_strength_and_recorded_for_plots():
     X, y = blobs(12, spread=3.0)
-    probe = KNNProbe(k=[1, 3, 9]).fit(X, y)
-    linear = LinearProbe(grid=[1e-2, 1.0]).fit(X, y)
+    probe = KNNClassifier(k=[1, 3, 9]).fit(X, y)
+    linear = LinearClassifier(grid=[1e-2, 1.0]).fit(X, y)
     assert probe.selection_.record() == linear.selection_.record()  # the same rules: here 5-fold CV
     assert probe.selection_.method == "cv" and probe.selection_.folds == MAX_FOLDS
     training = probe.to_head(["a", "b", "c"], "fp", {}).training
@@ -82,7 +82,7 @@ def test_k_is_chosen_like_the_strength_and_recorded_for_plots():
 
 def test_one_image_per_class_takes_the_default_k_and_says_so():
     X, y = blobs(1, n_classes=4)
-    probe = KNNProbe().fit(X, y)
+    probe = KNNClassifier().fit(X, y)
     assert probe.selection_.method == "default" and probe.grid_scores_ == []
     assert probe.best_k_ == 4  # the default 10, clipped to the 4 references
     assert any("too few images to choose the k" in w for w in probe.warnings_)
@@ -92,7 +92,7 @@ def test_one_image_per_class_takes_the_default_k_and_says_so():
 
 def test_k_beyond_the_references_is_clipped_with_a_warning():
     X, y = blobs(4)
-    probe = KNNProbe(k=[2, 50, 100]).fit(X, y)
+    probe = KNNClassifier(k=[2, 50, 100]).fit(X, y)
     assert probe.grid_ == [2, 12]
     assert any("k 50, 100 is more than the 12 reference images" in w for w in probe.warnings_)
 
@@ -100,7 +100,7 @@ def test_k_beyond_the_references_is_clipped_with_a_warning():
 def test_knn_is_close_to_linear_on_overlapping_blobs():
     X, y = blobs(60, spread=2.5)
     X, y, X_test, y_test = X[::2], y[::2], X[1::2], y[1::2]
-    heads = {name: make_probe(name).fit(X, y).to_head(["a", "b", "c"], "fp", {}) for name in ("knn", "linear")}
+    heads = {name: make_estimator(name).fit(X, y).to_head(["a", "b", "c"], "fp", {}) for name in ("knn", "linear")}
     scores = {name: (head.predict(X_test) == y_test).mean() for name, head in heads.items()}
     assert scores["knn"] >= 0.8 and abs(scores["knn"] - scores["linear"]) <= 0.05, scores
 
@@ -113,7 +113,7 @@ def test_knn_is_close_to_linear_on_overlapping_blobs():
 def test_bad_knn_parameters_are_pipe_errors(params, message):
     X, y = blobs(4)
     with pytest.raises(PipeError, match=message):
-        KNNProbe(**params).fit(X, y)
+        KNNClassifier(**params).fit(X, y)
 
 
 # --------------------------------------------------------------------------- the commands

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import FAST_EXTRACT, assert_clean_error, error_lines, invoke, make_image_folder
-from pipeline.heads import MultilabelHead, MultilabelProbe, load_head
+from pipeline.heads import MultilabelHead, MultiLabelClassifier, load_head
 from pipeline.heads.multilabel import DEFAULT_THRESHOLD, f1_thresholds
 from pipeline.metrics import average_precisions
 
@@ -35,7 +35,7 @@ def test_the_batched_sweep_matches_scikit_learns_one_vs_rest_and_learns_the_labe
     train, val, test = slice(0, 300), slice(300, 400), slice(400, 600)
     heads = {}
     for trainer in ("linear", "sklearn"):
-        probe = MultilabelProbe(trainer=trainer, selection="val", tol=1e-5, max_iter=300)
+        probe = MultiLabelClassifier(trainer=trainer, selection="val", tol=1e-5, max_iter=300)
         probe.fit(X[train], Y[train], X[val], Y[val])
         assert probe.selection_.method == "val" and probe.converged_ and not probe.warnings_
         heads[trainer] = (probe, probe.to_head(["a", "b", "c", "d"], "fp", {}))
@@ -69,14 +69,14 @@ def test_thresholds_maximise_each_classs_f1_on_held_out_predictions():
 def test_small_data_falls_back_like_the_linear_head_and_says_so():
     X, Y = synthetic(40, n_classes=3)
     # every class has a few positives: too few for val or a hold-out, so k-fold cross-validation
-    probe = MultilabelProbe().fit(X[:30], Y[:30], X[30:], Y[30:])
+    probe = MultiLabelClassifier().fit(X[:30], Y[:30], X[30:], Y[30:])
     assert probe.selection_.method == "cv" and len(probe.grid_scores_) == 16
     assert (probe.thresholds_ > 0).all() and (probe.thresholds_ < 1).all()
 
     # a class whose only positive is one image: nothing can be chosen, not even thresholds
     Y_one = Y[:6].copy()
     Y_one[:, 2] = [1, 0, 0, 0, 0, 0]
-    probe = MultilabelProbe().fit(X[:6], Y_one)
+    probe = MultiLabelClassifier().fit(X[:6], Y_one)
     assert probe.selection_.method == "default" and probe.best_strength_ == 1.0
     assert (probe.thresholds_ == DEFAULT_THRESHOLD).all()
     assert any("no held-out images to choose thresholds" in w and "strength is 1" in w for w in probe.warnings_)
@@ -84,7 +84,7 @@ def test_small_data_falls_back_like_the_linear_head_and_says_so():
     # a class never positive in train + val: never predicted, and said
     Y_none = Y[:30].copy()
     Y_none[:, 1] = 0
-    probe = MultilabelProbe().fit(X[:30], Y_none)
+    probe = MultiLabelClassifier().fit(X[:30], Y_none)
     head = probe.to_head(["a", "b", "c"], "fp", {})
     assert (head.predict_proba(X)[:, 1] == 0).all() and not head.predict(X)[:, 1].any()
     assert any("no positive image in train + val (class 1)" in w for w in probe.warnings_)
@@ -92,7 +92,7 @@ def test_small_data_falls_back_like_the_linear_head_and_says_so():
 
 def test_a_multilabel_head_file_round_trips_and_predicts_every_label_above_its_threshold(tmp_path):
     X, Y = synthetic(200, n_classes=3)
-    head = MultilabelProbe(selection="val").fit(X[:150], Y[:150], X[150:], Y[150:]).to_head(["a", "b", "c"], "fp", {})
+    head = MultiLabelClassifier(selection="val").fit(X[:150], Y[:150], X[150:], Y[150:]).to_head(["a", "b", "c"], "fp", {})
     head.save(tmp_path / "head.pt")
     loaded = load_head(tmp_path / "head.pt")
     assert isinstance(loaded, MultilabelHead) and loaded.kind == "multilabel"

@@ -31,7 +31,7 @@ def test_predict_matches_the_cached_features_for_any_extraction_setting(tmp_path
     data = colour_folder(tmp_path / "data")
     features = tmp_path / "f.h5"
     extract_features(data, "resnet18", "none", out=features, image_size=32, workers=0, progress=False, **options)
-    head, _ = train_head(features, tmp_path / "head.pt", "sklearn", grid=(1e-3,))
+    head = train_head(features, head="sklearn", out=tmp_path / "head.pt", grid=(1e-3,))
     loaded = LinearHead.load(tmp_path / "head.pt")
     cached = read_features(features)
     expected = loaded.predict_proba(cached.features)
@@ -54,7 +54,7 @@ def test_predict_refuses_a_head_whose_weights_file_changed(tmp_path):
     torch.save(torchvision.models.resnet18().state_dict(), weights)
     features = tmp_path / "f.h5"
     extract_features(data, "resnet18", str(weights), out=features, image_size=32, workers=0, progress=False)
-    train_head(features, tmp_path / "head.pt", "sklearn", grid=(1e-3,))
+    train_head(features, head="sklearn", out=tmp_path / "head.pt", grid=(1e-3,))
     torch.manual_seed(2)
     torch.save(torchvision.models.resnet18().state_dict(), weights)  # replaced after extraction
     with pytest.raises(PipeError, match="weights"):

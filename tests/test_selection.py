@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import PipeError
-from pipeline.heads import LinearProbe, SklearnProbe
+from pipeline.heads import LinearClassifier, SklearnLinearClassifier
 from pipeline.heads.selection import DEFAULT_STRENGTH, MAX_FOLDS, MIN_SELECTION_ROWS, plan_selection, split_parts
 
 GRID = [1e-3, 1e-2, 1e-1, 1.0]
@@ -75,7 +75,7 @@ def test_split_parts_views_rows_of_arrays_and_of_hdf5_datasets(tmp_path):
         np.testing.assert_array_equal(np.concatenate([labels for _, _, labels in fit]), y[~mask])
 
 
-@pytest.mark.parametrize("cls", [LinearProbe, SklearnProbe])
+@pytest.mark.parametrize("cls", [LinearClassifier, SklearnLinearClassifier])
 def test_cross_validation_scores_are_the_mean_of_the_folds_batched_sweeps(cls):
     X, y = blobs(6, spread=3.0, seed=1)
     X_train, y_train, X_val, y_val = X[::2], y[::2], X[1::2], y[1::2]
@@ -92,18 +92,18 @@ def test_cross_validation_scores_are_the_mean_of_the_folds_batched_sweeps(cls):
         per_fold.append([a for _, a in alone.grid_scores_])
     np.testing.assert_allclose([a for _, a in probe.grid_scores_], np.mean(per_fold, axis=0), atol=1e-6)
     assert len(probe.stop_["folds"]) == MAX_FOLDS and len(probe.stop_["sweep"]) == len(GRID)
-    assert probe.n_iter_["sweep"] == np.max(probe.n_iter_["folds"], axis=0).tolist()
+    assert probe.iterations_["sweep"] == np.max(probe.iterations_["folds"], axis=0).tolist()
 
 
 def test_cross_validation_ties_go_to_the_strongest_penalty():
     X, y = blobs(10, spread=0.1)  # separable: every strength scores 1.0
-    probe = LinearProbe(grid=[1e-4, 1e-3, 1e-2], selection="cv").fit(X, y)
+    probe = LinearClassifier(grid=[1e-4, 1e-3, 1e-2], selection="cv").fit(X, y)
     assert {a for _, a in probe.grid_scores_} == {1.0} and probe.best_strength_ == 1e-2
 
 
 def test_ten_classes_with_two_images_each_train_by_two_fold_cross_validation():
     X, y = blobs(2, n_classes=10, spread=0.5)  # the ValueError from a stratified 20% hold-out
-    probe = LinearProbe(grid=GRID).fit(X, y)
+    probe = LinearClassifier(grid=GRID).fit(X, y)
     assert probe.selection_.method == "cv" and probe.selection_.folds == 2
     X_test, y_test = blobs(5, n_classes=10, spread=0.5, seed=0)
     head = probe.to_head([str(c) for c in range(10)], "fp", {})
@@ -113,7 +113,7 @@ def test_ten_classes_with_two_images_each_train_by_two_fold_cross_validation():
 
 def test_one_image_per_class_fits_the_default_strength_and_says_so():
     X, y = blobs(1, n_classes=4)
-    probe = LinearProbe(grid=GRID).fit(X, y)
+    probe = LinearClassifier(grid=GRID).fit(X, y)
     assert probe.selection_.method == "default" and probe.best_strength_ == DEFAULT_STRENGTH
     assert probe.grid_scores_ == [] and len(probe.warnings_) == 1
     assert "too few images to choose the L2 strength" in probe.warnings_[0]
@@ -125,10 +125,10 @@ def test_one_image_per_class_fits_the_default_strength_and_says_so():
 def test_a_hold_out_too_small_to_hold_anything_is_a_clear_error():
     X, y = blobs(2, n_classes=10)
     with pytest.raises(PipeError, match="too few to hold any out"):
-        LinearProbe(grid=GRID, selection="val").fit(X, y)
+        LinearClassifier(grid=GRID, selection="val").fit(X, y)
 
 
-@pytest.mark.parametrize("cls", [LinearProbe, SklearnProbe])
+@pytest.mark.parametrize("cls", [LinearClassifier, SklearnLinearClassifier])
 def test_a_head_at_chance_level_is_flagged(cls):
     X = np.zeros((30, 5), dtype=np.float32)  # nothing to learn from
     y = labels(10)
@@ -138,7 +138,7 @@ def test_a_head_at_chance_level_is_flagged(cls):
     assert any("at chance level" in w and "its own training images" in w for w in one.warnings_)
 
 
-@pytest.mark.parametrize("cls", [LinearProbe, SklearnProbe])
+@pytest.mark.parametrize("cls", [LinearClassifier, SklearnLinearClassifier])
 def test_a_final_fit_that_did_not_converge_warns(cls):
     X, y = blobs(20, spread=2.0)
     probe = cls(grid=GRID, max_iter=1, tol=1e-8).fit(X, y)
@@ -152,14 +152,14 @@ def test_streamed_mini_batches_cross_validate_too(tmp_path):
     with h5py.File(tmp_path / "f.h5", "w") as f:
         f["x"] = X
     with h5py.File(tmp_path / "f.h5", "r") as f:
-        probe = LinearProbe(grid=GRID, batch_size=8, max_epochs=3).fit(f["x"], y)
-    assert probe.selection_.method == "cv" and len(probe.n_iter_["folds"]) == MAX_FOLDS
-    assert 1 <= probe.n_iter_["refit_epochs"] <= 3
+        probe = LinearClassifier(grid=GRID, batch_size=8, max_epochs=3).fit(f["x"], y)
+    assert probe.selection_.method == "cv" and len(probe.iterations_["folds"]) == MAX_FOLDS
+    assert 1 <= probe.iterations_["refit_epochs"] <= 3
     assert (probe.to_head(list("abc"), "fp", {}).predict(X) == y).mean() == 1.0
 
 
 def test_labels_need_not_be_contiguous():
     X, y = blobs(8, n_classes=3, spread=0.5)
     y = np.array([0, 2, 5])[y]  # classes 1, 3 and 4 have no images
-    probe = LinearProbe(grid=GRID).fit(X, y)
+    probe = LinearClassifier(grid=GRID).fit(X, y)
     assert min(a for _, a in probe.grid_scores_) == 1.0

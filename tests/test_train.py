@@ -8,7 +8,7 @@ import pytest
 
 from conftest import COLOURS, FAST_EXTRACT, assert_clean_error, write_image
 
-from pipeline.evaluate import evaluate_head
+from pipeline.evaluate import evaluate
 from pipeline.heads import LinearHead
 
 
@@ -26,7 +26,7 @@ def test_streamed_minibatch_head_learns_like_the_full_batch_one(image_folder, ru
     assert len(reasons) == 17 and set(reasons) <= {"converged", "max_iter", "line_search"}
     assert training["converged"] == (set(reasons) == {"converged"})
     for head in ("full.pt", "mini.pt"):
-        assert evaluate_head(features, tmp_path / head, "test")["accuracy"] == 1.0
+        assert evaluate(tmp_path / head, features)["accuracy"] == 1.0
 
 
 def test_sklearn_head_refuses_minibatch_options(image_folder, run_cli, tmp_path):

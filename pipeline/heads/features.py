@@ -2,14 +2,14 @@
 
 A feature matrix is an (N, D) ndarray or any 2-D array-like with ``.shape`` and row
 slicing (an ``h5py.Dataset``, a :class:`RowSubset`), read ``CHUNK_ROWS`` rows at a time so
-memory stays bounded. Used by the head file (prediction) and by the probes (training).
+memory stays bounded. Used by the head file (prediction) and by the estimators (training).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from pipeline.errors import PipeError
+from pipeline.errors import PipeValueError
 
 CHUNK_ROWS = 8192
 # Standardising by each dimension's own std, estimated from a few dozen rows, blows up the
@@ -74,41 +74,6 @@ def standardized_parts(parts, mean, std):
     return X
 
 
-def check_split(X, y, name):
-    """Validate one split's shapes and labels; return ``y`` as int64."""
-    if getattr(X, "ndim", len(getattr(X, "shape", ()))) != 2:
-        raise PipeError(f"{name} features must be a 2-D array (samples x dimensions)")
-    y = np.asarray(y)
-    if y.ndim != 1 or len(y) != X.shape[0]:
-        raise PipeError(f"{name} has {X.shape[0]} feature rows but {y.size} labels")
-    if len(y) == 0:
-        raise PipeError(f"{name} split is empty; every class needs labelled images there")
-    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-        raise PipeError(f"{name} labels must be non-negative class indices")
-    return y.astype(np.int64)
-
-
-def training_parts(X_train, y_train, X_val=None, y_val=None):
-    """The parts a head learns from, ``[("train", X, y)]`` plus ``("val", X, y)`` when given,
-    checked once for every trainer: shapes, labels, at least 2 classes in train, no class in
-    val that train lacks. Returns the parts and the sorted class indices present in train."""
-    y_train = check_split(X_train, y_train, "train")
-    if (X_val is None) != (y_val is None):
-        raise PipeError("give both validation features and labels, or neither")
-    parts = [("train", X_train, y_train)]
-    if X_val is not None:
-        parts.append(("val", X_val, check_split(X_val, y_val, "val")))
-        if X_val.shape[1] != X_train.shape[1]:
-            raise PipeError(f"train features have {X_train.shape[1]} dimensions but val has {X_val.shape[1]}")
-    classes = np.unique(y_train)
-    if len(classes) < 2:
-        raise PipeError(f"train-head needs at least 2 classes in the train split, found {len(classes)}")
-    unseen = np.setdiff1d(np.unique(parts[-1][2]), classes)
-    if len(unseen):
-        raise PipeError(f"classes {unseen.tolist()} appear in val but not in train; add train images")
-    return parts, classes
-
-
 def feature_stats(parts, prior_rows=VARIANCE_PRIOR_ROWS):
     """Per-dimension mean and std over all rows of ``parts``; rejects NaN/inf features.
 
@@ -127,7 +92,7 @@ def feature_stats(parts, prior_rows=VARIANCE_PRIOR_ROWS):
             part_sum += x.sum(axis=0, dtype=np.float64)
             total_sq += np.einsum("ij,ij->j", x, x, dtype=np.float64)
         if not np.isfinite(part_sum).all():
-            raise PipeError(f"{name} features contain NaN or infinity; re-extract them")
+            raise PipeValueError(f"{name} features contain NaN or infinity; re-extract them")
         total += part_sum
         count += X.shape[0]
     mean = total / count
@@ -167,9 +132,8 @@ def accuracies(weights, biases, X, y, mean, std):
     return correct / X.shape[0]
 
 
-def parts_accuracies(weights, biases, parts, classes, mean, std):
+def parts_accuracies(weights, biases, parts, mean, std):
     """Accuracy (K,) of K linear models over all rows of ``parts`` ``[(name, X, y), ...]``,
-    whose labels ``y`` are class indices (``classes`` lists those the weights' rows stand for)."""
-    correct = sum(accuracies(weights, biases, X, np.searchsorted(classes, y), mean, std) * len(y)
-                  for _, X, y in parts)
+    whose labels ``y`` are class positions (rows of the weights)."""
+    correct = sum(accuracies(weights, biases, X, y, mean, std) * len(y) for _, X, y in parts)
     return correct / sum(len(y) for _, _, y in parts)

@@ -9,9 +9,9 @@ Similarities are computed a block of queries against a block of references at a 
 running top-k per query on the device, so memory is bounded by the block sizes, not by the
 number of references (``bench/knn.py``: 100,000 references x 10,000 queries).
 
-:class:`KNNProbe` chooses k from a grid with the same rules as the linear probe's strength
-(:mod:`pipeline.heads.selection`) and returns a :class:`KNNHead`, which stores the centred,
-normalised references in float16 with their labels.
+:class:`KNNClassifier`, a scikit-learn classifier, chooses k from a grid with the same rules as
+the linear classifier's strength (:mod:`pipeline.heads.selection`) and becomes a :class:`KNNHead`,
+which stores the centred, normalised references in float16 with their labels.
 """
 
 from __future__ import annotations
@@ -22,16 +22,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from pipeline import defaults
 from pipeline.devices import resolve_device
-from pipeline.errors import PipeError
-from pipeline.heads.features import feature_stats, row_chunks, training_parts
+from pipeline.errors import PipeValueError
+from pipeline.heads.estimator import HeadEstimator
+from pipeline.heads.features import feature_stats, row_chunks
 from pipeline.heads.head_file import Head, common_fields
 from pipeline.heads.selection import (
     SCORED_ON, Parameter, chance_warning, default_warning, plan_selection, score_splits,
 )
 
-DEFAULT_KS = (10, 20, 50, 100)
-DEFAULT_TEMPERATURE = 0.07  # DINOv2's
+DEFAULT_KS = defaults.KNN_KS
 # k when nothing can be chosen (a class with a single image): the smallest of the default grid.
 # With one reference per class every k predicts the same class (the nearest reference's, whose
 # vote weighs most), so only classes of unequal size make k matter there, and a small k keeps
@@ -144,7 +145,7 @@ class KNNHead(Head):
                    **common_fields(payload, path))
 
 
-class KNNProbe:
+class KNNClassifier(HeadEstimator):
     """Trains a :class:`KNNHead`: chooses k from ``k`` (default ``DEFAULT_KS``) as the linear
     probe chooses its strength (on val, a hold-out or k-fold cross-validation, else
     ``K.default`` with a warning), then keeps train + val as the references.
@@ -153,15 +154,16 @@ class KNNProbe:
     ties go to the smallest k (within a selection split, larger ones may have been clipped to
     the split's fewer references). Learned attributes: ``classes_``, ``grid_`` (the k tried,
     after clipping), ``grid_scores_`` (list of ``(k, accuracy)``), ``best_k_``, ``selection_``,
-    ``chance_``, ``mean_``, ``references_`` (float16), ``labels_``, ``warnings_``,
-    ``n_train_``, ``n_val_``, ``fit_seconds_``.
+    ``chance_``, ``mean_``, ``references_`` (float16), ``labels_`` (positions into
+    ``classes_``), ``warnings_``, ``n_train_``, ``n_val_``, ``fit_seconds_``.
     """
 
     trainer = "knn"
     parameter = K
-    score_name = "accuracy"  # what grid_scores_ hold
+    recorded = {"temperature": "temperature"}
 
-    def __init__(self, *, k=None, temperature=DEFAULT_TEMPERATURE, seed=0, device="auto", selection="auto"):
+    def __init__(self, *, k=None, temperature=defaults.KNN_TEMPERATURE, seed=defaults.SEED, device=defaults.DEVICE,
+                 selection=defaults.SELECTION):
         self.k = k
         self.temperature = temperature
         self.seed = seed
@@ -173,16 +175,16 @@ class KNNProbe:
         """The chosen k, under the name every trainer shares."""
         return self.best_k_
 
-    def fit(self, X_train, y_train, X_val=None, y_val=None):
+    def fit(self, X, y, X_val=None, y_val=None):
         """Choose k with ``(X_val, y_val)`` (or splits of train + val) and keep train + val as
-        the references. Inputs as for :meth:`LinearProbe.fit`. Returns ``self``."""
+        the references. Inputs as for :meth:`LinearClassifier.fit`. Returns ``self``."""
         started = time.perf_counter()
         ks = DEFAULT_KS if self.k is None else self.k
         if not len(ks) or not all(float(k).is_integer() and k >= 1 for k in ks):
-            raise PipeError(f"k must be whole numbers of at least 1, got {list(ks)}")
+            raise PipeValueError(f"k must be whole numbers of at least 1, got {list(ks)}")
         if not (np.isfinite(self.temperature) and self.temperature > 0):
-            raise PipeError(f"the temperature must be a positive number, got {self.temperature}")
-        parts, self.classes_ = training_parts(X_train, y_train, X_val, y_val)
+            raise PipeValueError(f"the temperature must be a positive number, got {self.temperature}")
+        parts = self._single_label_parts(X, y, X_val, y_val)
         labels = [y for _, _, y in parts]
         self.n_train_, self.n_val_ = len(labels[0]), sum(map(len, labels[1:]))
         n_pool = self.n_train_ + self.n_val_
@@ -229,22 +231,6 @@ class KNNProbe:
                      .argmax(axis=1) == truth).mean() for k in self.grid_]
         return np.array(accuracy), None
 
-    def to_head(self, classes, fingerprint, source):
-        """The fitted references as a :class:`KNNHead` over ``classes`` (all class names)."""
-        if len(classes) <= self.classes_.max():
-            raise PipeError(f"labels go up to {self.classes_.max()} but only {len(classes)} class names were given")
-        training = {
-            "trainer": self.trainer,
-            "parameter": K.label,
-            "k": self.best_k_,
-            "temperature": self.temperature,
-            "grid_scores": [list(pair) for pair in self.grid_scores_],
-            "seconds": round(self.fit_seconds_, 3),
-            "n_train": self.n_train_,
-            "n_val": self.n_val_,
-            "seed": self.seed,
-            "selection": self.selection_.record(),
-            "warnings": list(self.warnings_),
-        }
-        return KNNHead(self.references_, self.labels_, self.mean_, self.best_k_, self.temperature, list(classes),
-                       fingerprint, dict(source), training, device=self.device)
+    def _head(self, class_names, positions, **metadata):
+        return KNNHead(self.references_, positions[self.labels_], self.mean_, self.best_k_, self.temperature,
+                       class_names, device=self.device, **metadata)

@@ -1,13 +1,17 @@
 """Multi-label heads: C independent logistic classifiers (sigmoid outputs), each with its own
-decision threshold, and :class:`MultilabelProbe`, the trainer that makes them.
+decision threshold, and :class:`MultiLabelClassifier`, the scikit-learn estimator that trains them.
 
-The probe follows the linear probe's recipe (:mod:`pipeline.heads.probes`) with multi-hot
+The estimator follows the linear classifier's recipe (:mod:`pipeline.heads.probes`) with multi-hot
 targets: one batched sweep of the L2 strength over every class at once (each (strength, class)
 pair is its own problem for the batched L-BFGS, :mod:`pipeline.heads.logistic`), the strength
 chosen by mean average precision where :mod:`pipeline.heads.selection` says (val, a hold-out,
 k-fold cross-validation or a default), each class's threshold chosen to maximise its F1 on the
 same held-out predictions, and a refit on train + val. ``trainer="sklearn"`` fits the same
 grid with one scikit-learn ``LogisticRegression`` per strength and class (one-vs-rest).
+
+Like scikit-learn's ``OneVsRestClassifier``, it also takes one label per row: then each class is
+one of those logistic classifiers against the rest (a single one for two classes), and the most
+probable class is predicted.
 """
 
 from __future__ import annotations
@@ -19,9 +23,13 @@ import numpy as np
 import torch
 from scipy.special import expit
 from sklearn import metrics
+from sklearn.utils.multiclass import type_of_target
+from sklearn.utils.validation import check_is_fitted, column_or_1d
 
+from pipeline import defaults
 from pipeline.devices import resolve_device
-from pipeline.errors import PipeError
+from pipeline.errors import PipeValueError
+from pipeline.heads.estimator import HeadEstimator
 from pipeline.heads.features import feature_stats, standardized_parts
 from pipeline.heads.head_file import LinearHead
 from pipeline.heads.lbfgs import CONVERGED, MAX_ITER
@@ -90,66 +98,72 @@ def f1_thresholds(targets, proba):
     return thresholds, np.flatnonzero(~targets.any(axis=0))
 
 
-def check_targets(X, Y, name, n_classes=None):
-    """Validate one split's features and multi-hot targets; return ``Y`` as uint8."""
-    if getattr(X, "ndim", 0) != 2:
-        raise PipeError(f"{name} features must be a 2-D array (samples x dimensions)")
-    Y = np.asarray(Y)
-    if Y.ndim != 2 or len(Y) != len(X) or (n_classes is not None and Y.shape[1] != n_classes):
-        raise PipeError(f"{name} has {len(X)} feature rows but targets of shape {Y.shape}")
-    if len(Y) == 0:
-        raise PipeError(f"{name} split is empty; add images there")
-    if not np.isin(Y, (0, 1)).all():
-        raise PipeError(f"{name} targets must be 0 or 1 (multi-hot)")
-    return Y.astype(np.uint8)
-
-
-class MultilabelProbe:
+class MultiLabelClassifier(HeadEstimator):
     """Trains a :class:`MultilabelHead` (see the module docstring).
 
-    Learned attributes, as :class:`~pipeline.heads.probes.LinearProbe` names them:
-    ``weight_`` (C, D), ``bias_`` (C,), ``mean_``/``std_``, ``thresholds_`` (C,),
-    ``best_strength_``, ``selection_``, ``grid_scores_`` (``(strength, mAP)`` on the rows
-    scored: val, a hold-out, or every row once across the cross-validation folds),
-    ``n_iter_``/``stop_`` (per strength, over its C classes: the most iterations, and
-    "converged" only if every class converged), ``converged_``, ``warnings_``,
-    ``n_train_``, ``n_val_``, ``sweep_seconds_`` (choosing the strength and thresholds) and
-    ``fit_seconds_`` (all of it).
+    ``trainer`` is "linear" (the batched torch L-BFGS) or "sklearn"; ``max_iter`` None is the
+    trainer's default; ``class_names`` name the target columns in warnings. Learned attributes,
+    as :class:`~pipeline.heads.LinearClassifier` names them: ``classes_`` (the column indices
+    of multi-hot targets; the labels when given one label per row), ``multilabel_`` (whether
+    the targets were multi-hot), ``weight_`` (K, D), ``bias_`` (K,) (one row per target
+    column: per class, a single one for two labels), ``mean_``/``std_``, ``thresholds_``
+    (K,), ``best_strength_``, ``selection_``, ``grid_scores_`` (``(strength, mAP)`` on the
+    rows scored: val, a hold-out, or every row once across the cross-validation folds),
+    ``iterations_``/``stop_`` (per strength, over its classes: the most iterations, and
+    "converged" only if every class converged), ``n_iter_`` (the final fit's most
+    iterations), ``converged_``, ``warnings_``, ``n_train_``, ``n_val_``,
+    ``sweep_seconds_`` (choosing the strength and thresholds) and ``fit_seconds_`` (all of it).
     """
 
     parameter = STRENGTH
     score_name = "mAP"
+    recorded = {"standardize": "standardize", "n_iter": "iterations_", "converged": "converged_", "stop": "stop_"}
 
-    def __init__(self, *, trainer="linear", grid=None, seed=0, device="auto", max_iter=None, tol=1e-4,
-                 standardize=True, selection="auto", class_names=None):
-        if trainer not in TRAINERS:
-            raise PipeError(f"unknown head trainer {trainer!r}; choose one of {', '.join(TRAINERS)}")
-        self.trainer, self.grid, self.seed, self.device = trainer, grid, seed, device
-        self.class_names = class_names  # for warnings only
-        self.max_iter = max_iter or (100 if trainer == "linear" else 1000)
-        self.tol, self.standardize, self.selection = tol, standardize, selection
+    def __init__(self, *, trainer=defaults.HEAD_KIND, grid=None, seed=defaults.SEED, device=defaults.DEVICE,
+                 max_iter=None, tol=defaults.TOL, standardize=True, selection=defaults.SELECTION, class_names=None):
+        self.trainer = trainer
+        self.grid = grid
+        self.seed = seed
+        self.device = device
+        self.max_iter = max_iter
+        self.tol = tol
+        self.standardize = standardize
+        self.selection = selection
+        self.class_names = class_names
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        tags.classifier_tags.multi_label = True
+        return tags
+
+    @property
+    def _iteration_cap(self):
+        """``max_iter``, or the trainer's default."""
+        return self.max_iter or defaults.MAX_ITER[self.trainer]
 
     @property
     def best_value_(self):
         """The chosen strength, under the name every trainer shares."""
         return self.best_strength_
 
-    def fit(self, X_train, Y_train, X_val=None, Y_val=None):
-        """Train on features ``X_train`` (N, D) and multi-hot ``Y_train`` (N, C), choosing
-        the strength and the thresholds with ``(X_val, Y_val)`` when given and large enough
-        (else a hold-out or k-fold cross-validation over train + val). Returns ``self``."""
+    def fit(self, X, Y, X_val=None, Y_val=None):
+        """Train on features ``X`` (N, D) and multi-hot ``Y`` (N, C) (or one label
+        per row), choosing the strength and the thresholds with ``(X_val, Y_val)`` when given
+        and large enough (else a hold-out or k-fold cross-validation over train + val).
+        Returns ``self``."""
         started = time.perf_counter()
+        if self.trainer not in TRAINERS:
+            raise PipeValueError(f"unknown head trainer {self.trainer!r}; choose one of {', '.join(TRAINERS)}")
         self.grid_ = strength_grid(self.grid)
-        parts = [("train", X_train, check_targets(X_train, Y_train, "train"))]
-        if X_val is not None:
-            parts.append(("val", X_val, check_targets(X_val, Y_val, "val", parts[0][2].shape[1])))
+        parts = self._target_parts(X, Y, X_val, Y_val)
         mean, std = feature_stats(parts)
         self.mean_, self.std_ = (mean, std) if self.standardize else (None, None)
         pool = np.concatenate([Y for _, _, Y in parts])
         strata = np.split(split_strata(pool), [len(parts[0][2])])[:len(parts)]
         self.selection_, splits = plan_selection(strata, len(self.grid_), mode=self.selection, seed=self.seed)
         self.n_train_, self.n_val_ = len(parts[0][2]), len(pool) - len(parts[0][2])
-        self.n_iter_, self.stop_, self.grid_scores_, self.warnings_ = {}, {}, [], []
+        self.iterations_, self.stop_, self.grid_scores_, self.warnings_ = {}, {}, [], []
         self.thresholds_ = np.full(pool.shape[1], DEFAULT_THRESHOLD, dtype=np.float32)
         init, self.sweep_seconds_ = None, 0.0
         if splits:
@@ -163,10 +177,40 @@ class MultilabelProbe:
                                                               if self.selection_.method == "default" else ""))
         weights, biases, record = self._fit_grid(parts, [self.best_strength_], init)
         self.weight_, self.bias_ = weights[0], biases[0]
-        self.n_iter_["refit"], self.stop_["refit"] = record["n_iter"][0], record["stop"][0]
+        self.n_iter_, self.stop_["refit"] = record["n_iter"][0], record["stop"][0]
+        self.iterations_["refit"] = self.n_iter_
         self._check(pool)
+        self.__dict__.pop("_spectrum", None)  # the sweep's, handed to the refit; not part of the model
         self.fit_seconds_ = time.perf_counter() - started
         return self
+
+    def _target_parts(self, X_train, Y_train, X_val, Y_val):
+        """The parts to learn from, checked, with multi-hot targets (N, K) uint8: as given, or
+        made from one label per row (one column per class; one column, the second class, for
+        two). Sets ``classes_`` and ``multilabel_``."""
+        if (X_val is None) != (Y_val is None):
+            raise PipeValueError("give both validation features and targets, or neither")
+        X_train, Y_train = self._check_Xy(X_train, Y_train, "train", reset=True, multi_output=True)
+        if X_val is not None:
+            X_val, Y_val = self._check_Xy(X_val, Y_val, "val", reset=False, multi_output=True)
+        kind = type_of_target(Y_train, input_name="train targets")
+        self.multilabel_ = kind == "multilabel-indicator"
+        if self.multilabel_:
+            self.classes_ = np.arange(Y_train.shape[1])
+            if Y_val is not None and (Y_val.ndim != 2 or Y_val.shape[1] != Y_train.shape[1]
+                                      or not np.isin(Y_val, (0, 1)).all()):
+                raise PipeValueError(f"val targets must be multi-hot (0 or 1) with {Y_train.shape[1]} columns, "
+                                     f"like train's; got shape {Y_val.shape}")
+            targets = [Y_train.astype(np.uint8)] + ([Y_val.astype(np.uint8)] if Y_val is not None else [])
+        elif kind in ("binary", "multiclass"):
+            labels = self._encoded_labels(column_or_1d(Y_train, warn=True),
+                                          None if Y_val is None else column_or_1d(Y_val, warn=True))
+            columns = np.arange(len(self.classes_))[-1:] if len(self.classes_) == 2 else np.arange(len(self.classes_))
+            targets = [(y[:, None] == columns).astype(np.uint8) for y in labels if y is not None]
+        else:
+            raise PipeValueError(f"Unknown label type {kind!r}: targets must be multi-hot (0 or 1, n_samples x "
+                                 "n_classes) or one label per row")
+        return [(name, X, Y) for name, X, Y in zip(("train", "val"), (X_train, X_val), targets)]
 
     def _select(self, parts, splits):
         """Sweep the grid on each split, score every strength by mAP on the rows held out,
@@ -190,9 +234,9 @@ class MultilabelProbe:
             self.warnings_.append(f"{len(defaulted)} class(es) have no positive among the {len(scored)} held-out "
                                   f"images ({self._names(defaulted)}): their threshold is {DEFAULT_THRESHOLD:g}")
         merged = merge_records(records)
-        self.n_iter_["sweep"], self.stop_["sweep"] = merged["n_iter"], merged["stop"]
+        self.iterations_["sweep"], self.stop_["sweep"] = merged["n_iter"], merged["stop"]
         if len(records) > 1:
-            self.n_iter_["folds"], self.stop_["folds"] = [r["n_iter"] for r in records], [r["stop"] for r in records]
+            self.iterations_["folds"], self.stop_["folds"] = [r["n_iter"] for r in records], [r["stop"] for r in records]
             return None
         return weights[best:best + 1], biases[best:best + 1]
 
@@ -225,7 +269,7 @@ class MultilabelProbe:
         with threads_for(X.size, device):
             if init is None:
                 self._spectrum = FeatureSpectrum(X_t, seed=self.seed)
-            result = fit_logistic(X_t, Y_t, lam, params, curvature, self._spectrum, max_iter=self.max_iter, tol=self.tol)
+            result = fit_logistic(X_t, Y_t, lam, params, curvature, self._spectrum, max_iter=self._iteration_cap, tol=self.tol)
         params = result.params.cpu().numpy().reshape(len(strengths), n_classes, n_dims + 1)
         shape = (len(strengths), n_classes)
         return (np.ascontiguousarray(params[..., :-1]), np.ascontiguousarray(params[..., -1]),
@@ -238,7 +282,7 @@ class MultilabelProbe:
         if y.min() == y.max():
             prior = np.clip(y.mean(), 1e-3, 1 - 1e-3)
             return np.zeros(X.shape[1], np.float32), np.float32(np.log(prior / (1 - prior))), 0, CONVERGED
-        weight, bias, n_iter, stop = sklearn_logistic(X, y, 1.0 / (strength * len(y)), max_iter=self.max_iter,
+        weight, bias, n_iter, stop = sklearn_logistic(X, y, 1.0 / (strength * len(y)), max_iter=self._iteration_cap,
                                                       tol=self.tol)
         return weight[0], bias[0], n_iter, stop
 
@@ -256,7 +300,7 @@ class MultilabelProbe:
             self.warnings_.append(f"{len(absent)} class(es) have no positive image in train + val "
                                   f"({self._names(absent)}): the head never predicts them")
         if self.stop_["refit"] != CONVERGED:
-            why = f"reached --max-iter ({self.max_iter})" if self.stop_["refit"] == MAX_ITER else "its line search failed"
+            why = f"reached --max-iter ({self._iteration_cap})" if self.stop_["refit"] == MAX_ITER else "its line search failed"
             self.warnings_.append(f"the final fit did not converge: {why}; its weights are the last accepted step")
         if self.grid_scores_:
             chance = float(pool.mean(axis=0)[pool.any(axis=0)].mean())  # the mAP of a random ranking
@@ -265,16 +309,47 @@ class MultilabelProbe:
                 self.warnings_.append(f"the head is at chance level: mAP {score:.3f} on held-out images, the same "
                                       f"as a random ranking ({chance:.3f})")
 
-    def to_head(self, classes, fingerprint, source) -> MultilabelHead:
-        """The fitted model as a :class:`MultilabelHead` over ``classes`` (names, in target order)."""
-        if len(classes) != len(self.bias_):
-            raise PipeError(f"the targets have {len(self.bias_)} classes but {len(classes)} class names were given")
-        training = {
-            "trainer": self.trainer, "strength": self.best_strength_, "score": self.score_name,
-            "grid_scores": [list(pair) for pair in self.grid_scores_], "seconds": round(self.fit_seconds_, 3),
-            "n_train": self.n_train_, "n_val": self.n_val_, "seed": self.seed, "standardize": self.standardize,
-            "n_iter": self.n_iter_, "converged": self.converged_, "stop": self.stop_,
-            "selection": self.selection_.record(), "warnings": list(self.warnings_),
-        }
-        return MultilabelHead(self.weight_, self.bias_, self.mean_, self.std_, list(classes), fingerprint,
-                              dict(source), training, thresholds=self.thresholds_)
+    def _class_rows(self, class_names):
+        """A multi-label head names every target column; labels given one per row make no head file."""
+        check_is_fitted(self)
+        if not self.multilabel_:
+            raise PipeValueError("a multi-label head is made from multi-hot targets (n_samples x n_classes); "
+                                 "for one label per row, use LinearClassifier")
+        if class_names is not None and len(class_names) != len(self.classes_):
+            raise PipeValueError(f"the targets have {len(self.classes_)} classes but {len(class_names)} class names "
+                                 "were given")
+        return super()._class_rows(class_names)
+
+    def _head(self, class_names, positions, **metadata):
+        return MultilabelHead(self.weight_, self.bias_, self.mean_, self.std_, class_names, thresholds=self.thresholds_,
+                              **metadata)
+
+    def _predicting_head(self):
+        check_is_fitted(self)
+        names = [str(c) for c in self.classes_[-len(self.bias_):]]  # one column per class; two labels: one
+        return self._head(names, None, fingerprint="", source={}, training={})
+
+    def decision_function(self, X):
+        """Each target column's logit (n_samples, n_classes); for two labels given one per row,
+        the second's (n_samples,)."""
+        scores = self._predicting_head().decision_function(self._check_X(X))
+        return scores[:, 0] if len(self.bias_) == 1 and not self.multilabel_ else scores
+
+    def predict_proba(self, X):
+        """Each class's probability (n_samples, n_classes): independent for multi-hot targets
+        (rows need not sum to 1); for one label per row, normalised over the classes as
+        scikit-learn's ``OneVsRestClassifier`` does."""
+        proba = self._predicting_head().predict_proba(self._check_X(X))
+        if self.multilabel_:
+            return proba
+        if proba.shape[1] == 1:
+            return np.hstack([1 - proba, proba])
+        return proba / np.maximum(proba.sum(axis=1, keepdims=True), np.finfo(np.float32).tiny)
+
+    def predict(self, X):
+        """Multi-hot predictions (n_samples, n_classes) where each class's probability reaches
+        its threshold; for one label per row, the most probable class."""
+        check_is_fitted(self)
+        if not self.multilabel_:
+            return super().predict(X)
+        return self._predicting_head().predict(self._check_X(X)).astype(np.int64)

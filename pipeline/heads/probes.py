@@ -1,12 +1,13 @@
-"""The probes: trainers that fit a :class:`~pipeline.heads.head_file.LinearHead` on features.
+"""The linear estimators: scikit-learn classifiers that train a
+:class:`~pipeline.heads.head_file.LinearHead` on features.
 
-Both follow the published linear-probe recipe (:class:`_SweepProbe`): sweep the L2 strength
+Both follow the published linear-probe recipe (:class:`_SweepClassifier`): sweep the L2 strength
 over a log grid, pick the best by validation accuracy (on val, a hold-out or k-fold
 cross-validation, whichever the data's size allows: :mod:`pipeline.heads.selection`), refit
 on train + val.
-:class:`LinearProbe` (torch) trains the whole grid as one batched problem
-(:mod:`pipeline.heads.multinomial`), or on streamed mini-batches; :class:`SklearnProbe` is the
-scikit-learn baseline. :func:`make_probe` builds either by name.
+:class:`LinearClassifier` (torch) trains the whole grid as one batched problem
+(:mod:`pipeline.heads.multinomial`), or on streamed mini-batches; :class:`SklearnLinearClassifier`
+is the scikit-learn baseline. :func:`make_estimator` builds any head trainer by name.
 
 The L2 strength ``lambda`` is weight decay on the mean cross-entropy::
 
@@ -26,14 +27,15 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
+from pipeline import defaults
 from pipeline.devices import resolve_device
-from pipeline.errors import PipeError
+from pipeline.errors import PipeValueError
+from pipeline.heads.estimator import HeadEstimator
 from pipeline.heads.features import (
     CHUNK_ROWS, class_weights, feature_stats, parts_accuracies, row_chunks, standardize, standardized_parts,
-    training_parts,
 )
 from pipeline.heads.head_file import LinearHead
-from pipeline.heads.knn import KNNProbe
+from pipeline.heads.knn import KNNClassifier
 from pipeline.heads.lbfgs import CONVERGED, LINE_SEARCH, MAX_ITER
 from pipeline.heads.multinomial import FeatureSpectrum, fit_multinomial, threads_for
 from pipeline.heads.selection import (
@@ -49,20 +51,23 @@ def strength_grid(grid) -> list[float]:
     """The L2 strengths to sweep (``DEFAULT_GRID`` for None), checked."""
     strengths = [float(s) for s in (DEFAULT_GRID if grid is None else grid)]
     if not strengths or not all(np.isfinite(s) and 0 < s <= MAX_STRENGTH for s in strengths):
-        raise PipeError(f"L2 strengths must be positive numbers up to {MAX_STRENGTH:g}, got {strengths}")
+        raise PipeValueError(f"L2 strengths must be positive numbers up to {MAX_STRENGTH:g}, got {strengths}")
     return strengths
 
 
-class _SweepProbe:
+class _SweepClassifier(HeadEstimator):
     """Shared recipe: sweep the L2 strength, select it (:mod:`pipeline.heads.selection`), refit.
 
     Subclasses implement ``_fit_grid`` (one model per strength, on some rows) and
     ``_fit_one`` (one model at the chosen strength, on train + val). Learned attributes:
-    ``weight_`` (C, D), ``bias_`` (C,), ``mean_``/``std_`` (D,) or None, ``classes_``
-    (class indices seen in train), ``best_strength_``, ``selection_`` (a
+    ``weight_`` (C, D), ``bias_`` (C,) (rows in the order of ``classes_``), ``mean_``/``std_``
+    (D,) or None, ``classes_`` (the labels seen in train), ``n_features_in_``,
+    ``best_strength_``, ``selection_`` (a
     :class:`~pipeline.heads.selection.Selection`: how the strength was chosen),
     ``grid_scores_`` (list of ``(strength, accuracy)``: on val or the hold-out, or the mean
-    over cross-validation folds), ``n_iter_`` (optimiser iterations), ``stop_`` (why each
+    over cross-validation folds), ``iterations_`` (optimiser iterations: ``{"sweep": [per
+    strength], "refit": n}``, epochs on the mini-batch path), ``n_iter_`` (the final fit's
+    iterations, or epochs), ``stop_`` (why each
     optimiser stopped: ``{"sweep": [reason, ...], "refit": reason}`` with the reasons of
     :mod:`pipeline.heads.lbfgs`; under cross-validation a strength's "sweep" reason is
     "converged" only if every fold's fit converged, and ``"folds"`` lists each fold's),
@@ -73,9 +78,9 @@ class _SweepProbe:
     ``n_train_``, ``n_val_``, ``fit_seconds_``.
     """
 
-    trainer = ""
     parameter = STRENGTH
-    score_name = "accuracy"  # what grid_scores_ hold
+    recorded = {"balanced": "balanced", "standardize": "standardize", "n_iter": "iterations_",
+                "converged": "converged_", "stop": "stop_"}
 
     def __init__(self, *, grid, balanced, seed, max_iter, tol, standardize, selection):
         self.grid = grid
@@ -86,11 +91,12 @@ class _SweepProbe:
         self.standardize = standardize
         self.selection = selection
 
-    def fit(self, X_train, y_train, X_val=None, y_val=None):
-        """Train on ``(X_train, y_train)``, choosing the strength with ``(X_val, y_val)``.
+    def fit(self, X, y, X_val=None, y_val=None):
+        """Train on ``(X, y)``, choosing the strength with ``(X_val, y_val)``.
 
-        ``X_*`` are (N, D) float arrays or any 2-D array-like with ``.shape`` and row
-        slicing (an ``h5py.Dataset``, a :class:`RowSubset`); ``y_*`` are int class indices.
+        ``X`` and ``X_val`` are (N, D) arrays of numbers, or a :class:`~pipeline.heads.RowSubset` (rows of
+        a feature file, read as they are needed); ``y`` and ``y_val`` are labels (any kind scikit-learn
+        classifiers take; every val label must be a train label).
         How the strength is chosen depends on the sizes (``selection="auto"``): on val when
         it holds enough images, else on a hold-out of train + val or by k-fold
         cross-validation over them, else a default strength
@@ -100,7 +106,7 @@ class _SweepProbe:
         """
         started = time.perf_counter()
         self.grid_ = strength_grid(self.grid)
-        parts, self.classes_ = training_parts(X_train, y_train, X_val, y_val)
+        parts = self._single_label_parts(X, y, X_val, y_val)
         mean, std = feature_stats(parts)  # also the finiteness check, so always computed
         self.mean_, self.std_ = (mean, std) if self.standardize else (None, None)
         self.n_train_, self.n_val_ = len(parts[0][2]), sum(len(labels) for _, _, labels in parts[1:])
@@ -108,12 +114,12 @@ class _SweepProbe:
                                                  mode=self.selection, seed=self.seed)
         if self.selection_.method == "holdout":  # as before there was cross-validation: rows fitted / scored
             self.n_train_, self.n_val_ = self.selection_.n_fit, self.selection_.n_score
-        self.n_iter_, self.stop_, self.grid_scores_, self.warnings_ = {}, {}, [], []
+        self.iterations_, self.stop_, self.grid_scores_, self.warnings_ = {}, {}, [], []
         init, epochs, self.chance_ = None, None, None
         if splits:
             def score_split(fit_parts, score_parts):
                 weights, biases, record = self._fit_grid(fit_parts, score_parts)
-                return parts_accuracies(weights, biases, score_parts, self.classes_, self.mean_, self.std_), \
+                return parts_accuracies(weights, biases, score_parts, self.mean_, self.std_), \
                     (weights, biases, record)
 
             scores, self.chance_, fits = score_splits(parts, splits, score_split)
@@ -122,7 +128,7 @@ class _SweepProbe:
             self.grid_scores_ = [(s, float(a)) for s, a in zip(self.grid_, scores)]
             self.best_strength_ = self.grid_[best]
             self._record_sweep([record for _, _, record in fits])
-            epochs = self.n_iter_.get("sweep_epochs", [None] * len(self.grid_))[best]
+            epochs = self.iterations_.get("sweep_epochs", [None] * len(self.grid_))[best]
             if len(splits) == 1:  # the refit starts from the split's solution
                 weights, biases, _ = fits[0]
                 init = (weights[best], biases[best])
@@ -131,12 +137,14 @@ class _SweepProbe:
         self.weight_, self.bias_, refit = self._fit_one(parts, self.best_strength_, init, epochs)
         for key, value in (("refit", refit["n_iter"]), ("refit_epochs", refit["epochs"])):
             if value is not None:
-                self.n_iter_[key] = value
+                self.iterations_[key] = value
+        self.n_iter_ = refit["n_iter"] if refit["n_iter"] is not None else refit["epochs"]
         if refit["stop"] is not None:
             self.stop_["refit"] = refit["stop"]
         reasons = (self.stop_.get("sweep") or []) + ([self.stop_["refit"]] if "refit" in self.stop_ else [])
         self.converged_ = all(reason == CONVERGED for reason in reasons)
         self._check(parts, refit)
+        self.__dict__.pop("_spectrum", None)  # the sweep's, handed to the refit; not part of the model
         self.fit_seconds_ = time.perf_counter() - started
         return self
 
@@ -146,17 +154,17 @@ class _SweepProbe:
         return self.best_strength_
 
     def _record_sweep(self, records):
-        """Write the splits' fit records into ``n_iter_`` and ``stop_`` (and the mean best
+        """Write the splits' fit records into ``iterations_`` and ``stop_`` (and the mean best
         epochs of the mini-batch path)."""
         merged = merge_records(records)
         if merged["n_iter"] is not None:
-            self.n_iter_["sweep"] = merged["n_iter"]
+            self.iterations_["sweep"] = merged["n_iter"]
         if merged["epochs"] is not None:
-            self.n_iter_["sweep_epochs"] = merged["epochs"]
+            self.iterations_["sweep_epochs"] = merged["epochs"]
         if merged["stop"] is not None:
             self.stop_["sweep"] = merged["stop"]
         if len(records) > 1:
-            self.n_iter_["folds"] = [r["n_iter"] if r["n_iter"] is not None else r["epochs"] for r in records]
+            self.iterations_["folds"] = [r["n_iter"] if r["n_iter"] is not None else r["epochs"] for r in records]
             if merged["stop"] is not None:
                 self.stop_["folds"] = [r["stop"] for r in records]
 
@@ -175,46 +183,32 @@ class _SweepProbe:
             where = SCORED_ON[method]
         else:  # no selection scores: the head on the rows it was fitted on
             head_weights, head_biases = self.weight_[None], self.bias_[None]
-            accuracy = float(parts_accuracies(head_weights, head_biases, parts, self.classes_, self.mean_, self.std_)[0])
+            accuracy = float(parts_accuracies(head_weights, head_biases, parts, self.mean_, self.std_)[0])
             labels = np.concatenate([labels for _, _, labels in parts])
             self.chance_, where = float(np.bincount(labels).max() / len(labels)), "its own training images"
         warning = chance_warning(accuracy, self.chance_, where)
         if warning:
             self.warnings_.append(warning)
 
-    def to_head(self, classes, fingerprint, source):
-        """The fitted model as a :class:`LinearHead` over ``classes`` (all class names).
+    def _head(self, class_names, positions, **metadata):
+        """A :class:`LinearHead` over ``class_names``; classes without a row of the model
+        (absent from the training labels) get zero weight and a bias of -inf: never predicted."""
+        weight, bias = self.weight_, self.bias_
+        if len(positions) < len(class_names):
+            weight = np.zeros((len(class_names), self.weight_.shape[1]), dtype=np.float32)
+            bias = np.full(len(class_names), -np.inf, dtype=np.float32)
+            weight[positions], bias[positions] = self.weight_, self.bias_
+        return LinearHead(weight, bias, self.mean_, self.std_, class_names, **metadata)
 
-        Classes absent from train get zero weight and a bias of -inf: never predicted.
-        """
-        if len(classes) <= self.classes_.max():
-            raise PipeError(f"labels go up to {self.classes_.max()} but only {len(classes)} class names were given")
-        weight = np.zeros((len(classes), self.weight_.shape[1]), dtype=np.float32)
-        bias = np.full(len(classes), -np.inf, dtype=np.float32)
-        weight[self.classes_], bias[self.classes_] = self.weight_, self.bias_
-        training = {
-            "trainer": self.trainer,
-            "parameter": self.parameter.label,
-            "strength": self.best_strength_,
-            "grid_scores": [list(pair) for pair in self.grid_scores_],
-            "seconds": round(self.fit_seconds_, 3),
-            "n_train": self.n_train_,
-            "n_val": self.n_val_,
-            "seed": self.seed,
-            "balanced": self.balanced,
-            "standardize": self.standardize,
-            "n_iter": self.n_iter_,
-            "converged": self.converged_,
-            "stop": self.stop_,
-            "selection": self.selection_.record(),
-            "warnings": list(self.warnings_),
-        }
-        return LinearHead(weight, bias, self.mean_, self.std_, list(classes), fingerprint, dict(source), training)
+    def decision_function(self, X):
+        """Class scores (n_samples, n_classes) before the softmax; with two classes, the score
+        of the second minus the first's (n_samples,), positive where it is predicted."""
+        scores = self._predicting_head().decision_function(self._check_X(X))
+        return scores[:, 1] - scores[:, 0] if len(self.classes_) == 2 else scores
 
     def _encoded(self, parts):
         """Standardised float32 features and class positions (into ``classes_``) of ``parts``."""
-        y = np.searchsorted(self.classes_, np.concatenate([labels for _, _, labels in parts]))
-        return standardized_parts(parts, self.mean_, self.std_), y
+        return standardized_parts(parts, self.mean_, self.std_), np.concatenate([labels for _, _, labels in parts])
 
     def _fit_grid(self, parts, val):
         """One model per strength of ``grid_`` on ``parts``; ``val`` are the parts it will be
@@ -230,7 +224,7 @@ class _SweepProbe:
         raise NotImplementedError
 
 
-class LinearProbe(_SweepProbe):
+class LinearClassifier(_SweepClassifier):
     """Torch linear probe: the whole strength grid is trained at once, in one batched computation.
 
     Full batch (default): features are moved to ``device`` once and the K grid points
@@ -248,14 +242,15 @@ class LinearProbe(_SweepProbe):
     with Adam (learning rate ``lr``) for up to ``max_epochs``, each kept at its best
     validation epoch (early stopping after ``PATIENCE_EPOCHS`` epochs without any
     improvement); the refit trains from scratch on train + val for the chosen model's
-    best epoch count (``n_iter_["sweep_epochs"]``, the mean over cross-validation folds).
+    best epoch count (``iterations_["sweep_epochs"]``, the mean over cross-validation folds).
     Memory is bounded by the chunk size.
     """
 
     trainer = "linear"
 
-    def __init__(self, *, grid=None, balanced=False, seed=0, device="auto", max_iter=100, tol=1e-4,
-                 standardize=True, selection="auto", batch_size=None, max_epochs=30, lr=1e-2):
+    def __init__(self, *, grid=None, balanced=False, seed=defaults.SEED, device=defaults.DEVICE,
+                 max_iter=defaults.MAX_ITER["linear"], tol=defaults.TOL, standardize=True, selection=defaults.SELECTION,
+                 batch_size=None, max_epochs=defaults.MAX_EPOCHS, lr=defaults.LEARNING_RATE):
         super().__init__(grid=grid, balanced=balanced, seed=seed, max_iter=max_iter, tol=tol,
                          standardize=standardize, selection=selection)
         self.device = device
@@ -318,7 +313,7 @@ class LinearProbe(_SweepProbe):
     def _adam_epochs(self, parts, strengths, epochs, val):
         device = resolve_device(self.device)
         n_classes, n_dims, n_models = len(self.classes_), parts[0][1].shape[1], len(strengths)
-        labels = np.searchsorted(self.classes_, np.concatenate([y for _, _, y in parts]))
+        labels = np.concatenate([y for _, _, y in parts])
         class_weight = torch.from_numpy(class_weights(labels, n_classes, self.balanced)).to(device)
         lam = torch.tensor(strengths, dtype=torch.float32, device=device)
         generator = torch.Generator().manual_seed(self.seed)
@@ -334,7 +329,7 @@ class LinearProbe(_SweepProbe):
             for i in torch.randperm(len(chunks), generator=generator).tolist():
                 X, y, start, stop = chunks[i]
                 x = torch.from_numpy(standardize(X[start:stop], self.mean_, self.std_)).to(device)
-                target = torch.from_numpy(np.searchsorted(self.classes_, y[start:stop])).to(device)
+                target = torch.from_numpy(y[start:stop]).to(device)
                 logits = torch.einsum("nd,kdc->nkc", x, weight) + bias
                 ce = torch.nn.functional.cross_entropy(
                     logits.permute(0, 2, 1), target[:, None].expand(-1, n_models),
@@ -348,7 +343,7 @@ class LinearProbe(_SweepProbe):
             if val is None:
                 best_w, best_b = current_w, current_b
                 continue
-            acc = parts_accuracies(current_w, current_b, val, self.classes_, self.mean_, self.std_)
+            acc = parts_accuracies(current_w, current_b, val, self.mean_, self.std_)
             improved = acc > best_acc
             best_acc[improved], best_epoch[improved] = acc[improved], epoch
             best_w[improved], best_b[improved] = current_w[improved], current_b[improved]
@@ -357,19 +352,19 @@ class LinearProbe(_SweepProbe):
         return best_w, best_b, best_epoch
 
 
-class SklearnProbe(_SweepProbe):
+class SklearnLinearClassifier(_SweepClassifier):
     """The scikit-learn baseline: one ``LogisticRegression(solver="lbfgs")`` per strength.
 
     Strength ``lambda`` maps to ``C = 1 / (lambda * n)`` (``n`` rows being fitted), the
-    same objective as :class:`LinearProbe`. Features must fit in memory. A fit that
+    same objective as :class:`LinearClassifier`. Features must fit in memory. A fit that
     scikit-learn reports as not converged stopped at ``max_iter`` or, with fewer
     iterations, in its line search.
     """
 
     trainer = "sklearn"
 
-    def __init__(self, *, grid=None, balanced=False, seed=0, max_iter=1000, tol=1e-4, standardize=True,
-                 selection="auto"):
+    def __init__(self, *, grid=None, balanced=False, seed=defaults.SEED, max_iter=defaults.MAX_ITER["sklearn"],
+                 tol=defaults.TOL, standardize=True, selection=defaults.SELECTION):
         super().__init__(grid=grid, balanced=balanced, seed=seed, max_iter=max_iter, tol=tol,
                          standardize=standardize, selection=selection)
 
@@ -419,16 +414,16 @@ def sklearn_logistic(X, y, C, *, max_iter, tol, class_weight=None):
     return model.coef_.astype(np.float32), model.intercept_.astype(np.float32), n_iter, stop
 
 
-PROBES = {"linear": LinearProbe, "sklearn": SklearnProbe}
-PROBES = {"linear": LinearProbe, "sklearn": SklearnProbe, "knn": KNNProbe}
+# by the names train-head offers
+ESTIMATORS = dict(zip(defaults.HEAD_KINDS, (LinearClassifier, SklearnLinearClassifier, KNNClassifier)))
 
 
-def make_probe(kind, **params):
-    """Build the trainer named ``kind`` ("linear", "sklearn" or "knn": :mod:`.knn`) with its parameters."""
-    if kind not in PROBES:
-        raise PipeError(f"unknown head trainer {kind!r}; choose one of {', '.join(PROBES)}")
-    accepted = inspect.signature(PROBES[kind]).parameters
+def make_estimator(kind, **params):
+    """Build the head trainer named ``kind`` ("linear", "sklearn" or "knn": :mod:`.knn`) with its parameters."""
+    if kind not in ESTIMATORS:
+        raise PipeValueError(f"unknown head trainer {kind!r}; choose one of {', '.join(ESTIMATORS)}")
+    accepted = inspect.signature(ESTIMATORS[kind]).parameters
     unknown = sorted(set(params) - set(accepted))
     if unknown:
-        raise PipeError(f"head trainer {kind!r} does not take {', '.join(unknown)}")
-    return PROBES[kind](**params)
+        raise PipeValueError(f"head trainer {kind!r} does not take {', '.join(unknown)}")
+    return ESTIMATORS[kind](**params)

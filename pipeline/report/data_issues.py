@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..heads import LinearProbe
+from ..heads import LinearClassifier
 from ..heads.knn import nearest, unit_rows
 from ..heads.multinomial import one_thread
 from ..heads.selection import kfold_masks, split_parts
@@ -55,13 +55,12 @@ def out_of_fold_probabilities(X, y, n_classes, strength, seed=0):
     """Class probabilities (N, ``n_classes``) of every row of ``(X, y)`` from a linear head
     (L2 ``strength``, gradient tolerance ``ISSUE_TOL``, one thread) fitted on the other folds of a stratified k-fold split
     (:func:`~pipeline.heads.selection.kfold_masks`). Every class needs 2 rows."""
-    proba = np.zeros((len(y), n_classes), dtype=np.float32)
-    classes = [str(c) for c in range(n_classes)]
+    proba = np.zeros((len(y), n_classes), dtype=np.float32)  # classes a fold lacks stay at 0
     with one_thread():
         for mask in kfold_masks(y, seed):
             [(_, X_fit, y_fit)], [(_, X_scored, _)] = split_parts([("pool", X, y)], mask)
-            probe = LinearProbe(grid=[strength], seed=seed, tol=ISSUE_TOL).fit(X_fit, y_fit)
-            proba[mask] = probe.to_head(classes, "", {}).predict_proba(X_scored)
+            estimator = LinearClassifier(grid=[strength], seed=seed, tol=ISSUE_TOL).fit(X_fit, y_fit)
+            proba[np.ix_(mask, estimator.classes_)] = estimator.predict_proba(X_scored)
     return proba
 
 

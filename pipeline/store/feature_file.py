@@ -100,6 +100,20 @@ class FeatureSet(FileRows):
         rows = self.row_indices(split)
         return self.features[rows], self.labels[rows]
 
+    def X(self, split: str | None = None) -> np.ndarray:
+        """The features (n_images, feature_dim) float32 of one split ("train", "val",
+        "test"), or of every image (``split`` None), in file order."""
+        if self.features is None:
+            raise PipeError(f"{self.path} was read without its features; read it with read_features({str(self.path)!r})")
+        return self.features if split is None else self.features[self.row_indices(split)]
+
+    def y(self, split: str | None = None) -> np.ndarray:
+        """The labels of one split (or of every image), rows matching :meth:`X`: class
+        indices into ``classes``, or for a multi-label file the multi-hot targets
+        (n_images, n_classes) uint8."""
+        labels = self.targets if self.multilabel else self.labels
+        return labels if split is None else labels[self.row_indices(split)]
+
 
 def _attr(f: h5py.File, name: str):
     value = f.attrs[name]
