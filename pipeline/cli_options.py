@@ -16,6 +16,7 @@ DEFAULT_FEATURES = "cache/features.h5"
 DEFAULT_HEAD = "cache/head.pt"
 DEFAULT_METRICS = "cache/metrics.json"
 DEFAULT_REPORT = "cache/report.html"
+DEFAULT_TOPK = 3  # classes shown per image by pipe predict, and by pipe serve unless a request asks
 
 POSITIVE = click.IntRange(min=1)
 SEED = click.IntRange(0, 2**32 - 1)  # what numpy, torch and scikit-learn all accept
