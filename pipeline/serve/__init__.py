@@ -10,6 +10,7 @@ a server is asked for, so ``pipe`` without them still runs and says how to insta
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import os
 import signal
@@ -117,6 +118,9 @@ def serve_head(head_path, host: str, port: int, settings: ServeSettings, quiet: 
     bound_host, bound_port = sock.getsockname()[:2]
     log.info("pipe serve: listening on http://%s:%d (head %s; loading the model)",
              f"[{bound_host}]" if ":" in bound_host else bound_host, bound_port, head_path)
+    if settings.api_key is None and not ipaddress.ip_address(bound_host).is_loopback:
+        log.warning("pipe serve: %s is reachable from other machines and no --api-key-env was given: "
+                    "anyone who can reach it can use the model", host)
     # uvicorn re-raises a SIGTERM it handled once it has shut down, which would end the process
     # with that signal: with its own handler installed beforehand, a shutdown by signal exits 0
     if threading.current_thread() is threading.main_thread():  # the only thread that may set handlers

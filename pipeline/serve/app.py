@@ -39,8 +39,13 @@ RETRY_AFTER_S = "1"
 RAW_BODY_NAME = "body"  # the name a raw image body is answered under
 
 
-def error(status: int, message: str, **headers: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status, headers=headers or None)
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status, headers=headers)
+
+
+def unavailable(message: str) -> JSONResponse:
+    """503, with when to try again."""
+    return error(503, message, {"Retry-After": RETRY_AFTER_S})
 
 
 class BodyTooLarge(Exception):
@@ -91,7 +96,7 @@ class BearerAuth:
             scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.key):
                 response = error(401, "a valid API key is needed: send the header Authorization: Bearer <key>",
-                                 **{"WWW-Authenticate": "Bearer"})
+                                 {"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send)
         return await self.app(scope, receive, send)
 
@@ -173,10 +178,9 @@ async def _uploads(request: Request) -> list[tuple[str, bytes]]:
 async def predict(request: Request) -> JSONResponse:
     service: Service = request.app.state.service
     if service.classifier is None:
-        return error(503, "the model is still loading", **{"Retry-After": RETRY_AFTER_S})
+        return unavailable("the model is still loading")
     if service.in_progress >= service.settings.max_queue:
-        return error(503, f"busy: {service.in_progress} requests in progress (--max-queue); retry later",
-                     **{"Retry-After": RETRY_AFTER_S})
+        return unavailable(f"busy: {service.in_progress} requests in progress (--max-queue); retry later")
     service.in_progress += 1
     try:
         k = _topk(request, service.settings.topk)
@@ -207,7 +211,7 @@ async def health(request: Request) -> JSONResponse:
 async def info(request: Request) -> JSONResponse:
     service: Service = request.app.state.service
     if service.classifier is None:
-        return error(503, "the model is still loading", **{"Retry-After": RETRY_AFTER_S})
+        return unavailable("the model is still loading")
     settings, batcher = service.settings, service.batcher
     return JSONResponse({**service.classifier.info(), "head": service.classifier.head.path,
                          "limits": {"max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms,

@@ -8,7 +8,6 @@ batches fill up without any waiting, and a lone request waits at most ``max_wait
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 import time
@@ -19,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-log = logging.getLogger("uvicorn.error")
+from . import log
 
 
 @dataclass
