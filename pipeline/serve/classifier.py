@@ -38,24 +38,36 @@ def check_pixel_count(data: bytes) -> None:
         raise BadImage(f"{width} x {height} pixels is over the limit of {limit} pixels (a decompression bomb?)")
 
 
+def batch_shapes(max_batch: int) -> list[int]:
+    """The batch sizes the model runs at: powers of two below ``max_batch``, and ``max_batch``.
+    A batch is padded to the next of them, because the CPU backend keeps buffers (reordered
+    weights, scratch space) for every input shape it has seen: with every size from 1 to 32 the
+    server's memory grew by about a gigabyte, where with these few, run at start-up, it stays
+    where the warm-up left it (measured with efficientnet_lite0; see the README's Serve section)."""
+    return [2**i for i in range(max_batch.bit_length()) if 2**i < max_batch] + [max_batch]
+
+
 @dataclass
 class Classifier:
     """``head`` on the features of ``run``'s backbone, decoding uploads the way ``decode`` (a
-    :data:`pipeline.data.DECODES` name) says, as ``pipe predict`` decodes files."""
+    :data:`pipeline.data.DECODES` name) says, as ``pipe predict`` decodes files, and running
+    batches of at most ``max_batch`` images at the sizes :func:`batch_shapes` gives."""
 
     head: Head
     run: FeatureExtractor
     decode_way: str
+    max_batch: int
 
     @classmethod
-    def load(cls, head: Head, spec, device: torch.device, warm_batch: int) -> Classifier:
+    def load(cls, head: Head, spec, device: torch.device, max_batch: int) -> Classifier:
         """Build ``spec`` (from :func:`pipeline.predict.spec_for_head`) on ``device`` and warm it
-        up on a batch of one and of ``warm_batch``, so the first requests do not pay for it."""
+        up: each batch shape twice (the second run still allocates on the CPU), so that neither
+        the first requests' time nor the memory after start-up grows with what comes later."""
         run = FeatureExtractor(spec.build(), device)
         # uploads are decoded on the CPU: on a GPU too, full-size decoding gives the same pixels
-        classifier = cls(head, run, decode_for(spec.full_decode, torch.device("cpu")))
+        classifier = cls(head, run, decode_for(spec.full_decode, torch.device("cpu")), max_batch)
         crop = spec.transform.crop
-        for n in sorted({1, warm_batch}):
+        for n in batch_shapes(max_batch) * 2:
             classifier.probabilities(torch.zeros(n, 3, crop, crop, dtype=torch.uint8))
         return classifier
 
@@ -71,8 +83,11 @@ class Classifier:
         return pixels
 
     def probabilities(self, pixels: torch.Tensor) -> np.ndarray:
-        """Class probabilities (N, C) of a batch of decoded images."""
-        return classify(self.head, self.run, pixels)
+        """Class probabilities (N, C) of a batch of at most ``max_batch`` decoded images."""
+        n = len(pixels)
+        shape = next(size for size in batch_shapes(self.max_batch) if size >= n)
+        padded = torch.cat([pixels, pixels.new_zeros((shape - n, *pixels.shape[1:]))]) if shape > n else pixels
+        return classify(self.head, self.run, padded)[:n]
 
     def info(self) -> dict:
         """What ``GET /info`` reports about the model."""
