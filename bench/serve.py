@@ -218,7 +218,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start; {args.images} photos, "
           f"{args.clients} clients, {args.hostile} hostile requests", flush=True)
-    report = {"images": args.images, "clients": args.clients, "hostile": args.hostile,
+    report = {"images": args.images, "clients": args.clients, "hostile_requests": args.hostile,
               "serve_options": args.serve_options, "load_average_at_start": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -276,9 +276,15 @@ def main() -> None:
     print(f"batches: {served['batches']}, mean {served['images'] / max(1, served['batches']):.1f} images; "
           f"server exit status after SIGTERM: {report['server_exit_status']}")
     rate = report["predict_images_per_s"]
-    print(f"serve / predict throughput: {report['serve']['images_per_s'] / rate:.2f}"
-          + (f" (with the hostile mix: {report['hostile']['images_per_s'] / rate:.2f})" if args.hostile else "")
-          + (f"; PIPE_SCHED=default: {report['serve_sched_default']['images_per_s'] / rate:.2f}" if args.sched else ""))
+    report["ratios"] = {"serve_over_predict": report["serve"]["images_per_s"] / rate,
+                        **({"hostile_over_predict": report["hostile"]["images_per_s"] / rate} if args.hostile else {}),
+                        **({"sched_default_over_predict": report["serve_sched_default"]["images_per_s"] / rate}
+                           if args.sched else {}),
+                        **{f"memory_{k}_over_warm": v["rss"] / warm for k, v in memory.items() if k.startswith("after")}}
+    ratios = report["ratios"]
+    print(f"serve / predict throughput: {ratios['serve_over_predict']:.2f}"
+          + (f" (with the hostile mix: {ratios['hostile_over_predict']:.2f})" if args.hostile else "")
+          + (f"; PIPE_SCHED=default: {ratios['sched_default_over_predict']:.2f}" if args.sched else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
 

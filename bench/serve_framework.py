@@ -3,6 +3,7 @@ under uvicorn, side by side in one run (why `pipe serve` is built on Starlette).
 
     pip install fastapi            # not a pipe dependency: only this comparison needs it
     python bench/serve_framework.py                 # 64 clients, 2,000 requests, 3 rounds each
+    python bench/serve_framework.py --json bench/results/serve-framework-cpu-2core.json
 
 The endpoint does what `pipe serve` does around the model and nothing else: it takes one
 multipart ``file`` upload (a 100 kB JPEG body), reads it and answers a small JSON object of the
@@ -14,6 +15,8 @@ side's median requests/s and p99 latency are reported.
 # no `from __future__ import annotations` here: FastAPI reads the endpoint's annotations at run time
 import argparse
 import asyncio
+import json
+import os
 import statistics
 import subprocess
 import sys
@@ -93,6 +96,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", default=None)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -101,17 +105,20 @@ def main() -> None:
     requests = [("good", f"{i}.jpg", {"files": {"file": (f"{i}.jpg", body, "image/jpeg")}})
                 for i in range(args.requests)]
     rounds = {name: [] for name in APPS}
+    load = os.getloadavg()[0]
     for _ in range(args.rounds):
         for name in APPS:
             rounds[name].append(one_round(name, requests, args.clients))
+    report = {"requests": args.requests, "clients": args.clients, "load_average_at_start": load, "rounds": rounds}
     for name, results in rounds.items():
-        rate = statistics.median(r["requests_per_s"] for r in results)
-        p99 = statistics.median(r["p99_ms"] for r in results)
-        print(f"{name:<10} {rate:7.0f} requests/s (median of {args.rounds}), p99 {p99:.0f} ms")
-    ratio = statistics.median(r["requests_per_s"] for r in rounds["fastapi"]) / \
-        statistics.median(r["requests_per_s"] for r in rounds["starlette"])
-    print(f"fastapi / starlette requests/s: {ratio:.2f}")
-
+        report[name] = {"requests_per_s": statistics.median(r["requests_per_s"] for r in results),
+                        "p99_ms": statistics.median(r["p99_ms"] for r in results)}
+        print(f"{name:<10} {report[name]['requests_per_s']:7.0f} requests/s (median of {args.rounds}), "
+              f"p99 {report[name]['p99_ms']:.0f} ms")
+    report["fastapi_over_starlette"] = report["fastapi"]["requests_per_s"] / report["starlette"]["requests_per_s"]
+    print(f"fastapi / starlette requests/s: {report['fastapi_over_starlette']:.2f} (load average at start {load:.1f})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
 
 if __name__ == "__main__":
     main()
