@@ -9,7 +9,8 @@ The endpoint does what `pipe serve` does around the model and nothing else: it t
 multipart ``file`` upload (a 100 kB JPEG body), reads it and answers a small JSON object of the
 shape of a prediction. Each framework's server runs in its own process, one at a time, driven
 by the same async clients as bench/serve.py; the rounds alternate between the two and each
-side's median requests/s and p99 latency are reported.
+side's median requests/s (answered requests) and p99 latency are reported, with the requests
+that failed (a connection the client saw closed, on a machine loaded with other work).
 """
 
 # no `from __future__ import annotations` here: FastAPI reads the endpoint's annotations at run time
@@ -86,9 +87,9 @@ def one_round(name: str, requests: list, clients: int) -> dict:
     finally:
         proc.terminate()
         proc.wait()
-    assert all(r["status"] == 200 for r in results), {r["status"] for r in results}
-    return {"requests_per_s": len(results) / seconds,
-            "p99_ms": float(np.percentile([r["seconds"] * 1000 for r in results], 99))}
+    answered = [r for r in results if r["status"] == 200]
+    return {"requests_per_s": len(answered) / seconds, "failed": len(results) - len(answered),
+            "p99_ms": float(np.percentile([r["seconds"] * 1000 for r in answered], 99))}
 
 
 def main() -> None:
@@ -112,9 +113,10 @@ def main() -> None:
     report = {"requests": args.requests, "clients": args.clients, "load_average_at_start": load, "rounds": rounds}
     for name, results in rounds.items():
         report[name] = {"requests_per_s": statistics.median(r["requests_per_s"] for r in results),
-                        "p99_ms": statistics.median(r["p99_ms"] for r in results)}
+                        "p99_ms": statistics.median(r["p99_ms"] for r in results),
+                        "failed": sum(r["failed"] for r in results)}
         print(f"{name:<10} {report[name]['requests_per_s']:7.0f} requests/s (median of {args.rounds}), "
-              f"p99 {report[name]['p99_ms']:.0f} ms")
+              f"p99 {report[name]['p99_ms']:.0f} ms, {report[name]['failed']} requests failed")
     report["fastapi_over_starlette"] = report["fastapi"]["requests_per_s"] / report["starlette"]["requests_per_s"]
     print(f"fastapi / starlette requests/s: {report['fastapi_over_starlette']:.2f} (load average at start {load:.1f})")
     if args.json:

@@ -9,14 +9,15 @@ import click
 
 from . import __version__
 from .allocator import keep_large_buffers
-from .cli_options import (DEFAULT_FEATURES, DEFAULT_HEAD, DEFAULT_METRICS, DEFAULT_REPORT, DEFAULT_TOPK,
+from .cli_options import (DEFAULT_FEATURES, DEFAULT_HEAD, DEFAULT_METRICS, DEFAULT_REPORT, DEFAULT_TOPK, DOCS_INDEX,
                           HEAD_TRAINERS, MAX_LR, MAX_TRIALS, MAX_WORKERS, POSITIVE, SEED, FiniteFloat, FloatList,
                           IntList, NameList, PipeGroup, Shard, backbone_options, config_option, device_option,
-                          ensure_parent, global_flags)
+                          ensure_parent, global_flags, show_debug_log)
 from .cpu_sharing import let_threads_sleep
 
 
-@click.group(cls=PipeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=PipeGroup, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=f"\b\nDocs: {DOCS_INDEX} (a page per concern in docs/).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.version_option(__version__, prog_name="pipe")
@@ -24,6 +25,8 @@ from .cpu_sharing import let_threads_sleep
 def main(ctx, quiet, debug):
     """Transfer learning by feature extraction: extract once, train heads in seconds."""
     keep_large_buffers()  # before torch allocates anything: see pipeline.allocator
+    if debug:
+        show_debug_log()
     if ctx.invoked_subcommand in ("extract", "predict", "serve"):
         let_threads_sleep()  # before torch loads: see pipeline.cpu_sharing
     ctx.obj = {"quiet": quiet, "debug": debug}

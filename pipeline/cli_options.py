@@ -4,6 +4,7 @@ accepted before or after a command, presets, and options declared once for sever
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -25,6 +26,26 @@ MAX_IMAGE_SIZE = 4096
 MAX_LR = 10.0
 MAX_TRIALS = 1000  # seeded draws per shot count of pipe fewshot
 HEAD_TRAINERS = ("linear", "sklearn", "knn")  # pipeline.heads.make_probe's names
+
+# The page that explains each command, named once: each command's --help ends with it, and
+# tests/test_docs.py checks that every command has one and that it exists (anchor included).
+DOCS_INDEX = "README.md#documentation"
+DOCS_PAGES = {
+    "extract": "docs/data.md",
+    "merge": "docs/scaling.md",
+    "train-head": "docs/heads.md",
+    "evaluate": "docs/heads.md#evaluating",
+    "report": "docs/report.md",
+    "predict": "docs/deployment.md#predict",
+    "export": "docs/deployment.md#export",
+    "serve": "docs/deployment.md#serve",
+    "fewshot": "docs/heads.md#few-shot-curves",
+    "compare": "docs/heads.md#comparing-backbones",
+    "info": "docs/formats.md",
+    "models": "docs/backbones.md",
+    "bench": "docs/performance.md#why-cache-fine-tuning-vs-frozen-vs-cached-on-your-own-data",
+    "make-dataset": "README.md#a-one-minute-tour",
+}
 
 
 class FiniteFloat(click.FloatRange):
@@ -131,7 +152,14 @@ class Shard(click.ParamType):
 
 class PipeGroup(click.Group):
     """Turns a :class:`PipeError` or a usage error in a command into one line on stderr and
-    exit status 2; ``pipe --debug`` shows the traceback instead."""
+    exit status 2; ``pipe --debug`` shows the traceback instead. Each command's help ends with
+    its page of the docs (:data:`DOCS_PAGES`)."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        super().add_command(cmd, name)
+        page = DOCS_PAGES.get(name or cmd.name)
+        if page:
+            cmd.epilog = f"\b\nDocs: {page}"  # \b: click leaves the line unwrapped
 
     def invoke(self, ctx: click.Context):
         try:
@@ -147,9 +175,17 @@ class PipeGroup(click.Group):
         ctx.exit(2)
 
 
+def show_debug_log() -> None:
+    """``--debug``: pipe's own debug messages (e.g. why BatchNorm folding was skipped) on stderr."""
+    logging.basicConfig(format="debug: %(name)s: %(message)s")
+    logging.getLogger("pipeline").setLevel(logging.DEBUG)
+
+
 def _set_global_flag(ctx: click.Context, param, value):
     """``-q``/``--debug`` given after the command: the same as before it."""
     if value:
+        if param.name == "debug":
+            show_debug_log()
         root = ctx.find_root()
         root.params[param.name] = True
         if root.obj is None:
