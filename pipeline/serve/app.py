@@ -176,6 +176,7 @@ async def _uploads(request: Request) -> list[tuple[str, bytes]]:
 
 
 async def predict(request: Request) -> JSONResponse:
+    """``POST /predict``: what ``pipe predict --json`` writes for the request's images."""
     service: Service = request.app.state.service
     if service.classifier is None:
         return unavailable("the model is still loading")
@@ -201,6 +202,7 @@ async def predict(request: Request) -> JSONResponse:
 
 
 async def health(request: Request) -> JSONResponse:
+    """``GET /health``: 200 once the model is loaded and warmed up, 503 before (or if it failed)."""
     service: Service = request.app.state.service
     if service.classifier is None:
         state = "failed" if service.failure else "loading"
@@ -209,6 +211,7 @@ async def health(request: Request) -> JSONResponse:
 
 
 async def info(request: Request) -> JSONResponse:
+    """``GET /info``: the model, the head, the limits and how much was served."""
     service: Service = request.app.state.service
     if service.classifier is None:
         return unavailable("the model is still loading")
