@@ -48,11 +48,12 @@ class Server:
 
 
 def launch(folder: Path, head: Path, *options: str, env=None):
-    """Start ``pipe serve`` on any free port; :func:`until_ready` waits for it."""
+    """Start ``pipe serve`` on the CPU (as predict is compared there) on any free port;
+    :func:`until_ready` waits for it."""
     log = folder / f"serve-{time.monotonic_ns()}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--head", str(head), "--port", "0",
-                                 *options], stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+                                 "--device", "cpu", *options], stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     return proc, log
 
 
@@ -159,7 +160,7 @@ async def post_each(url: str, files: list[Path], **params) -> list[httpx.Respons
 def test_answers_equal_pipe_predict_json_and_concurrent_requests_share_batches(server, trained):
     folder, data, head = trained
     files = sorted(data.rglob("*.png"))
-    result = invoke("predict", *files, "--head", head, "--json", folder / "predict.json")
+    result = invoke("predict", *files, "--head", head, "--device", "cpu", "--json", folder / "predict.json")
     assert result.exit_code == 0, result.output
     expected = {Path(p["path"]).name: p["top"] for p in json.loads((folder / "predict.json").read_text())["predictions"]}
     before = httpx.get(server.url + "/info").json()["served"]
