@@ -26,7 +26,7 @@ def main(ctx, quiet, debug):
     keep_large_buffers()  # before torch allocates anything: see pipeline.allocator
     if debug:
         show_debug_log()
-    if ctx.invoked_subcommand in ("extract", "predict"):
+    if ctx.invoked_subcommand in ("extract", "predict", "serve"):
         let_threads_sleep()  # before torch loads: see pipeline.cpu_sharing
     ctx.obj = {"quiet": quiet, "debug": debug}
 
@@ -236,6 +236,35 @@ def predict(inputs, head, topk, device, batch_size, json_path):
     if json_path:
         Path(ensure_parent(json_path)).write_text(json.dumps(predictions_json(predictions, head), indent=2))
         click.echo(f"predictions -> {json_path}")
+
+
+@main.command()
+@global_flags
+@click.option("--head", default=defaults.HEAD, show_default=True, type=click.Path(dir_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 opens it to the network (pair it with --api-key-env).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="0: any free port.")
+@click.option("--max-batch", default=None, type=POSITIVE,
+              help="Most images per forward pass [default: 32 on CPU, 256 on CUDA].")
+@click.option("--max-wait-ms", default=5.0, show_default=True, type=FiniteFloat(min=0),
+              help="How long a forward pass waits for more requests to fill its batch.")
+@click.option("--max-body-mb", default=20.0, show_default=True, type=FiniteFloat(min=0, min_open=True),
+              help="Larger request bodies get 413.")
+@click.option("--max-queue", default=128, show_default=True, type=POSITIVE,
+              help="Requests in progress at once; more get 503 with Retry-After.")
+@click.option("--topk", default=defaults.TOPK, show_default=True, type=POSITIVE,
+              help="Classes per image when a request gives no ?topk=.")
+@device_option
+@click.option("--api-key-env", default=None, metavar="NAME",
+              help="Require the header Authorization: Bearer <the key in environment variable NAME>.")
+@config_option
+@click.pass_obj
+def serve(obj, head, host, port, api_key_env, **settings):
+    """Serve a trained head over HTTP: POST /predict (images), GET /health, GET /info (needs the
+    serve extra: pip install 'pipe[serve]')."""
+    from .serve import ServeSettings, api_key_from_env, serve_head
+
+    serve_head(head, host, port, ServeSettings(**settings, api_key=api_key_from_env(api_key_env)), obj["quiet"])
 
 
 @main.command()

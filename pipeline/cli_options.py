@@ -32,6 +32,7 @@ DOCS_PAGES = {
     "report": "docs/report.md",
     "predict": "docs/deployment.md#predict",
     "export": "docs/deployment.md#export",
+    "serve": "docs/deployment.md#serve",
     "fewshot": "docs/heads.md#few-shot-curves",
     "compare": "docs/heads.md#comparing-backbones",
     "info": "docs/formats.md",

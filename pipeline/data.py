@@ -153,6 +153,25 @@ def _failure(exc: Exception, path: Path) -> str:
     return f"{type(exc).__name__}: {message}"
 
 
+def decode_pixels(source: Path | bytes, transform: EvalTransform, decode: str = "draft"):
+    """One image, a file or its bytes, decoded the :data:`DECODES` way ``decode``: ``(pixels,
+    None, 1)``, or for ``device`` a JPEG's ``(None, bytes, orientation)`` left to the GPU.
+    Raises what the decoder raises."""
+    if decode == "draft":
+        return transform.pixels(open_rgb(source if isinstance(source, Path) else io.BytesIO(source),
+                                         transform.resize)), None, 1
+    data = source.read_bytes() if isinstance(source, Path) else source
+    if data[:3] == JPEG_MAGIC:
+        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if decode == "device":
+            return None, raw, exif_orientation(data)
+        try:
+            return transform.pixels(upright(decode_jpeg(raw), exif_orientation(data))), None, 1
+        except RuntimeError:  # a JPEG libjpeg-turbo rejects as torchvision drives it: PIL may still read it
+            pass
+    return transform.pixels(open_rgb(io.BytesIO(data))), None, 1
+
+
 class ImageBatch(NamedTuple):
     """A collated batch: ``pixels`` (N, 3, crop, crop) uint8, zeros where ``errors`` is not
     empty or where the image is still a JPEG in ``jpegs`` (its bytes, with its EXIF
@@ -186,26 +205,10 @@ class ImageFiles(torch.utils.data.Dataset):
         reason = decode_failure_reason(path, self.paths[i])
         if reason is None:
             try:
-                return (i, *self._read(path), "")
+                return (i, *decode_pixels(path, self.transform, self.decode), "")
             except Exception as exc:  # any decoder failure is a per-file skip, never fatal
                 reason = _failure(exc, path)
         return i, None, None, 1, reason
-
-    def _read(self, path: Path) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
-        """(pixels, None, 1) for an image decoded here, or (None, bytes, orientation) for a JPEG
-        left to the device."""
-        if self.decode == "draft":
-            return self.transform.pixels(open_rgb(path, self.transform.resize)), None, 1
-        data = path.read_bytes()
-        if data[:3] == JPEG_MAGIC:
-            raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            if self.decode == "device":
-                return None, raw, exif_orientation(data)
-            try:
-                return self.transform.pixels(upright(decode_jpeg(raw), exif_orientation(data))), None, 1
-            except RuntimeError:  # a JPEG libjpeg-turbo rejects as torchvision drives it: PIL may still read it
-                pass
-        return self.transform.pixels(open_rgb(io.BytesIO(data))), None, 1
 
     def collate(self, items) -> ImageBatch:
         index, pixels, jpegs, orientations, errors = zip(*items)

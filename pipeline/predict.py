@@ -60,9 +60,9 @@ def expand_inputs(inputs) -> list[Path]:
     return files
 
 
-def backbone_for_head(head: Head):
-    """Rebuild the backbone a head's features came from, and check it still makes the same
-    features (e.g. that a weights file was not replaced since extraction)."""
+def spec_for_head(head: Head):
+    """The backbone spec a head's features came from, checked to still make the same features
+    (e.g. that a weights file was not replaced since extraction)."""
     source, identity = head.source, head.source["identity"]
     spec = resolve_backbone(source["model"], source["weights"], dtype=identity["dtype"], layer=identity.get("layer"),
                             pool=None if identity["pool"] == "default" else identity["pool"],
@@ -72,7 +72,20 @@ def backbone_for_head(head: Head):
         raise PipeError(f"the backbone {spec.name} with weights {spec.weights.given} now gives features "
                         f"{spec.fingerprint}, but the head was trained on {head.fingerprint}; "
                         "were the weights changed? Re-extract and retrain")
-    return spec.build()
+    return spec
+
+
+def backbone_for_head(head: Head):
+    """Rebuild the backbone a head's features came from (see :func:`spec_for_head`)."""
+    return spec_for_head(head).build()
+
+
+def classify(head: Head, run: FeatureExtractor, pixels) -> np.ndarray:
+    """Class probabilities (N, C) of a batch of uint8 pixels, through ``run``'s backbone and
+    ``head``. The features round-trip through the cache's storage dtype: the head saw them stored
+    that way."""
+    storage = np.dtype(run.backbone.spec.dtype)
+    return head.predict_proba(run(pixels).astype(storage).astype(np.float32))
 
 
 def predict_images(head: Head, inputs, topk: int = 5, device: str = "auto", batch_size: int = 32,
@@ -85,13 +98,11 @@ def predict_images(head: Head, inputs, topk: int = 5, device: str = "auto", batc
     dataset = ImageFiles(Path("."), [str(p) for p in files], transform, decode_for(backbone.spec.full_decode, run.device))
     loader = image_loader(dataset, batch_size, workers, run.device)
     k = min(topk, len(head.classes))
-    storage = np.dtype(backbone.spec.dtype)
     results = []
     for batch in loader:
         pixels, errors = decode_batch(batch, transform, run.device)
         good = [j for j, e in enumerate(errors) if not e]
-        # round-trip through the cache's storage dtype: the head saw features stored that way
-        proba = head.predict_proba(run(pixels[good]).astype(storage).astype(np.float32)) if good else None
+        proba = classify(head, run, pixels[good]) if good else None
         row = dict(zip(good, range(len(good))))
         for j, i in enumerate(batch.index.tolist()):
             if errors[j]:
