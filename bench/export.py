@@ -84,7 +84,7 @@ def sides(head, folder: Path) -> dict:
     import onnxruntime
 
     from pipeline.export import INPUT_NAME, OUTPUT_NAME, export_head, load_torchscript
-    from pipeline.extract import FeatureExtractor
+    from pipeline.forward import FeatureExtractor
     from pipeline.predict import backbone_for_head
 
     run = FeatureExtractor(backbone_for_head(head), torch.device("cpu"))

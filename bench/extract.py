@@ -51,7 +51,7 @@ from pipeline.backbones import resolve_backbone  # noqa: E402
 from pipeline.data import ImageFiles, decode_jpeg, open_rgb  # noqa: E402
 from pipeline.devices import default_batch_size  # noqa: E402
 from pipeline.datasets import load_fashion_mnist  # noqa: E402
-from pipeline.extract import FeatureExtractor  # noqa: E402
+from pipeline.forward import FeatureExtractor  # noqa: E402
 from pipeline.heads import LinearProbe  # noqa: E402
 
 

@@ -11,6 +11,7 @@ import click
 
 from .config import command_defaults
 from .errors import PipeError
+from .forward import DEFAULT_PRECISION, PRECISIONS
 
 DEFAULT_FEATURES = "cache/features.h5"
 DEFAULT_HEAD = "cache/head.pt"
@@ -201,5 +202,9 @@ def backbone_options(command):
 
 device_option = click.option("--device", default="auto", show_default=True,
                              help="auto (CUDA when present), cpu or cuda.")
+precision_option = click.option(
+    "--precision", default=DEFAULT_PRECISION, show_default=True, type=click.Choice(PRECISIONS),
+    help="The model's arithmetic: auto is bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), "
+         "float32 elsewhere; extract keeps an existing file's precision, predict the head's.")
 config_option = click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
                              callback=_load_config, help="TOML preset; its [command] table sets defaults.")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import FAST_BACKBONE
-from pipeline.extract import FeatureExtractor  # runs the backbone on one batch: spied on below
+from pipeline.forward import FeatureExtractor  # runs the backbone on one batch: spied on below
 from pipeline.heads import LinearHead
 from test_cli import parse_predictions
 
