@@ -85,9 +85,10 @@ def sides(head, folder: Path) -> dict:
 
     from pipeline.export import INPUT_NAME, OUTPUT_NAME, export_head, load_torchscript
     from pipeline.forward import FeatureExtractor
-    from pipeline.predict import backbone_for_head
+    from pipeline.predict import predict_precision, spec_for_head
 
-    run = FeatureExtractor(backbone_for_head(head), torch.device("cpu"))
+    spec, cpu = spec_for_head(head), torch.device("cpu")
+    run = FeatureExtractor(spec.build(), cpu, precision=predict_precision("auto", spec, cpu))
     storage = np.dtype(run.backbone.spec.dtype)
 
     def pipe(pixels):  # predict_images' forward pass for one batch

@@ -142,18 +142,23 @@ def feature_batches(spec: BackboneSpec, root, paths: list[str], device: torch.de
     Decoding runs in ``workers`` DataLoader processes (JPEGs on the GPU when ``device`` is one
     and ``spec`` decodes them at full size); an unreadable file is a per-image error, never a
     failure of the batch. The workers start before the model is built, so the first batches are
-    ready when it is."""
+    ready when it is; the model is built before this returns, so a model that cannot be built
+    fails here, before any batch."""
     from .data import ImageFiles, decode_for, image_loader
     from .device_decode import decode_batch
 
     dataset = ImageFiles(Path(root), paths, spec.transform, decode_for(spec.full_decode, device))
     loader = iter(image_loader(dataset, batch_size, workers, device))  # starts the workers
     run = FeatureExtractor(spec.build(), device, batch_size if compile else None, precision=precision)
-    for batch in loader:
-        pixels, errors = decode_batch(batch, spec.transform, run.device)
-        good = [j for j, error in enumerate(errors) if not error]
-        if len(good) == len(errors):
-            features = run(pixels)
-        else:
-            features = run(pixels[good]) if good else np.empty((0, 0), np.float32)
-        yield FeatureBatch(batch.index.tolist(), errors, features)
+
+    def batches() -> Iterator[FeatureBatch]:
+        for batch in loader:
+            pixels, errors = decode_batch(batch, spec.transform, run.device)
+            good = [j for j, error in enumerate(errors) if not error]
+            if len(good) == len(errors):
+                features = run(pixels)
+            else:
+                features = run(pixels[good]) if good else np.empty((0, 0), np.float32)
+            yield FeatureBatch(batch.index.tolist(), errors, features)
+
+    return batches()
