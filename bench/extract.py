@@ -65,15 +65,15 @@ def sample_photos() -> list[np.ndarray]:
     return [p for p in photos if p.ndim == 3 and p.shape[2] == 3]
 
 
-def make_photo_folder(root: Path, n: int, seed: int = 0, widths=(250, 2600)) -> Path:
-    """``n`` JPEGs, widths uniform in ``widths`` px, in two class folders."""
+def make_photo_folder(root: Path, n: int, seed: int = 0, widths=(250, 2600), classes: int = 2) -> Path:
+    """``n`` JPEGs, widths uniform in ``widths`` px, in ``classes`` class folders."""
     rng = np.random.default_rng(seed)
     photos = sample_photos()
     for i in range(n):
         src = Image.fromarray(photos[i % len(photos)])
         width = int(rng.uniform(*widths))
         image = src.resize((width, max(1, round(width * src.height / src.width))), Image.Resampling.BICUBIC)
-        folder = root / f"class{i % 2}"
+        folder = root / f"class{i % classes}"
         folder.mkdir(parents=True, exist_ok=True)
         image.save(folder / f"{i:04d}.jpg", quality=90)
     return root
