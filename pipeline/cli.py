@@ -12,7 +12,7 @@ from .allocator import keep_large_buffers
 from .cli_options import (DEFAULT_FEATURES, DEFAULT_HEAD, DEFAULT_METRICS, DEFAULT_REPORT, HEAD_TRAINERS, MAX_LR,
                           MAX_TRIALS, MAX_WORKERS, POSITIVE, SEED, FiniteFloat, FloatList, IntList, NameList,
                           PipeGroup, Shard, backbone_options, config_option, device_option, ensure_parent,
-                          global_flags, precision_option)
+                          global_flags, precision_option, show_debug_log)
 from .cpu_sharing import let_threads_sleep
 
 
@@ -24,6 +24,8 @@ from .cpu_sharing import let_threads_sleep
 def main(ctx, quiet, debug):
     """Transfer learning by feature extraction: extract once, train heads in seconds."""
     keep_large_buffers()  # before torch allocates anything: see pipeline.allocator
+    if debug:
+        show_debug_log()
     if ctx.invoked_subcommand in ("extract", "predict"):
         let_threads_sleep()  # before torch loads: see pipeline.cpu_sharing
     ctx.obj = {"quiet": quiet, "debug": debug}

@@ -4,6 +4,7 @@ accepted before or after a command, presets, and options declared once for sever
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -147,9 +148,17 @@ class PipeGroup(click.Group):
         ctx.exit(2)
 
 
+def show_debug_log() -> None:
+    """``--debug``: pipe's own debug messages (e.g. why BatchNorm folding was skipped) on stderr."""
+    logging.basicConfig(format="debug: %(name)s: %(message)s")
+    logging.getLogger("pipeline").setLevel(logging.DEBUG)
+
+
 def _set_global_flag(ctx: click.Context, param, value):
     """``-q``/``--debug`` given after the command: the same as before it."""
     if value:
+        if param.name == "debug":
+            show_debug_log()
         root = ctx.find_root()
         root.params[param.name] = True
         if root.obj is None:

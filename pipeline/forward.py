@@ -99,7 +99,7 @@ class FeatureExtractor:
         self.precision = resolve_precision(precision, device)
         self.module = backbone.module.to(device).to(memory_format=torch.channels_last)
         crop = backbone.spec.transform.crop
-        example = torch.randn(2, 3, crop, crop, generator=torch.Generator().manual_seed(0))
+        example = torch.randn(1, 3, crop, crop, generator=torch.Generator().manual_seed(0))
         example = example.to(device).contiguous(memory_format=torch.channels_last)
         self.folded = fold_batchnorm(self.module, example) if fold else 0
         self.compile_batch = compile_batch

@@ -269,3 +269,27 @@ def test_bad_configs(tmp_path):
     unknown = tmp_path / "unknown.toml"
     unknown.write_text('[extract]\nmodle = "resnet18"\n')
     assert_one_line_error(run_cli("extract", tmp_path / "d", "--config", unknown, *out), "modle")
+
+
+def test_labels_outside_the_class_list_are_refused_and_extract_repairs_them(tmp_path):
+    data = photo_folder(tmp_path / "d", per_class=8)
+    out = tmp_path / "f.h5"
+    extract_features(data, out=out, **TINY)
+    assert run_cli("train-head", out, "--out", tmp_path / "h.pt").exit_code == 0
+    with h5py.File(out, "r+") as f:  # a damaged or hand-edited file
+        good_labels, features = f["labels"][:], f["features"][:]
+        f["labels"][3] = 1_000_000
+    head = tmp_path / "new.pt"
+    for command in (["train-head", out, "--out", head], ["evaluate", "--features", out, "--head", tmp_path / "h.pt"],
+                    ["report", "--features", out, "--head", tmp_path / "h.pt", "--out", tmp_path / "r.html"],
+                    ["fewshot", out, "--shots", "1"], ["compare", out, out]):
+        assert_one_line_error(run_cli(*command), "f.h5", "row 3: 1000000")
+    assert not head.exists()
+    # extracting again rewrites the labels from the folder and keeps every feature row
+    result = run_cli("extract", data, "--out", out, *TINY_ARGS)
+    assert result.exit_code == 0, result.output
+    assert "0 extracted" in result.output
+    with h5py.File(out, "r") as f:
+        np.testing.assert_array_equal(f["labels"][:], good_labels)
+        np.testing.assert_array_equal(f["features"][:], features)
+    assert run_cli("train-head", out, "--out", head).exit_code == 0

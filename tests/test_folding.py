@@ -1,6 +1,9 @@
 """BatchNorm folded into convolutions gives the features of the unfolded backbone, faster, and
 is refused when it would change them."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import timm.layers
@@ -8,8 +11,11 @@ import torch
 from torch import nn
 
 from pipeline.backbones import resolve_backbone
+from pipeline.backbones import folding
 from pipeline.backbones.folding import fold_batchnorm
 from pipeline.forward import FeatureExtractor
+
+from conftest import FAST_EXTRACT
 
 
 def randomise_batchnorm(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -86,3 +92,59 @@ def test_backbones_without_conv_batchnorm_pairs_are_left_alone(model):
     assert run.folded == 0
     after = run.module.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_an_error_while_folding_leaves_the_model_exactly_as_it_was(monkeypatch, caplog):
+    spec = resolve_backbone("resnet18", "none", image_size=32)
+    backbone = spec.build()
+    randomise_batchnorm(backbone.module)
+    before = {k: v.clone() for k, v in backbone.module.state_dict().items()}
+    folds = []
+
+    def fold_then_fail(conv, bn):
+        if len(folds) == 5:
+            raise RuntimeError("the sizes do not match")
+        folds.append(conv)
+        original_fold(conv, bn)
+
+    original_fold = folding._fold_pair
+    monkeypatch.setattr(folding, "_fold_pair", fold_then_fail)
+    with caplog.at_level("DEBUG", logger="pipeline"):
+        run = FeatureExtractor(backbone, torch.device("cpu"))
+    assert run.folded == 0 and len(folds) == 5
+    after = run.module.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert count(run.module, nn.BatchNorm2d) == 20
+    assert "RuntimeError: the sizes do not match" in caplog.text
+
+
+def test_only_the_folds_that_change_the_output_are_left_out():
+    model = randomise_batchnorm(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), ReadsConvOutputTwice()))
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        expected = model(x)
+    assert fold_batchnorm(model, x) == 1
+    assert isinstance(model[1], nn.Identity) and isinstance(model[2].bn, nn.BatchNorm2d)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+DEBUG_RUN = """
+import sys
+from pipeline.backbones import folding
+def fail(conv, bn):
+    raise RuntimeError("no fold today")
+folding._fold_pair = fail
+from pipeline.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_pipe_debug_says_why_folding_was_skipped_and_the_extraction_goes_on(image_folder, tmp_path):
+    data = image_folder(per_class=2)
+    out = tmp_path / "f.h5"
+    done = subprocess.run([sys.executable, "-c", DEBUG_RUN, "extract", str(data), "--out", str(out), "-q",
+                           "--debug", *FAST_EXTRACT], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "BatchNorm folding skipped for ResNet: RuntimeError: no fold today" in done.stderr
+    assert out.is_file()

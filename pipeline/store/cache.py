@@ -99,7 +99,7 @@ class ExtractionCache:
         file only changes when :meth:`commit` replaces it."""
         if self.overwrite or not self.out.exists():
             return None
-        return read_features(self.out, with_features=False)
+        return read_features(self.out, with_features=False, checked=False)  # commit rewrites the labels
 
     # -- what is already done ----------------------------------------------------------------
     def _index(self) -> PartsIndex:

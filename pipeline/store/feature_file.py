@@ -112,8 +112,28 @@ def _attr(f: h5py.File, name: str):
     return value.decode() if isinstance(value, bytes) else value
 
 
-def read_features(path, with_features: bool = True) -> FeatureSet:
-    """Read and validate a feature file; a missing, truncated or foreign file is a PipeError."""
+def check_labels(path, labels: np.ndarray, classes: list[str], targets: np.ndarray | None) -> None:
+    """Raise :class:`PipeError` naming ``path`` and the first bad rows when a label lies outside
+    the class list (a damaged or hand-edited file): a head must never learn a class that has no
+    name. A multi-label file's ``targets`` must have one 0/1 column per class instead."""
+    if targets is not None:
+        if targets.ndim != 2 or targets.shape != (len(labels), len(classes)) or targets.max(initial=0) > 1:
+            raise PipeError(f"{path} has multi-label targets of shape {targets.shape} for {len(labels)} images and "
+                            f"{len(classes)} classes, or values other than 0 and 1; the file is damaged or was edited: "
+                            "re-run pipe extract --overwrite")
+        return
+    bad = np.flatnonzero((labels < 0) | (labels >= len(classes)))
+    if len(bad):
+        shown = ", ".join(f"row {row}: {labels[row]}" for row in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise PipeError(f"{path} has {len(bad)} label(s) outside its {len(classes)} classes (0 to "
+                        f"{len(classes) - 1}) ({shown}); the file is damaged or was edited: re-run pipe extract, "
+                        "which rewrites the labels and keeps the features")
+
+
+def read_features(path, with_features: bool = True, checked: bool = True) -> FeatureSet:
+    """Read and validate a feature file; a missing, truncated or foreign file is a PipeError,
+    and so (unless ``checked`` is False, for the extraction that rewrites them) is a label
+    outside the class list (:func:`check_labels`)."""
     path = Path(path)
     if not path.is_file():
         raise PipeError(f"feature file {path} does not exist; run `pipe extract` first")
@@ -129,7 +149,7 @@ def read_features(path, with_features: bool = True) -> FeatureSet:
                 if key in attrs:
                     attrs[key] = json.loads(attrs[key])
             failed = f["failed"]
-            return FeatureSet(
+            features = FeatureSet(
                 path=path,
                 features=f["features"][:].astype(np.float32) if with_features else None,
                 labels=f["labels"][:],
@@ -148,6 +168,9 @@ def read_features(path, with_features: bool = True) -> FeatureSet:
     except (OSError, KeyError, ValueError) as exc:
         raise PipeError(f"{path} is not a readable pipe feature file ({type(exc).__name__}: {exc}); "
                         "re-run pipe extract with --overwrite") from None
+    if checked:
+        check_labels(path, features.labels, features.classes, features.targets)
+    return features
 
 
 @contextmanager
