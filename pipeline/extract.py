@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -253,7 +254,7 @@ def _run(spec: BackboneSpec, device: torch.device, root, todo: list[int], rows: 
     failures = []
     batches = feature_batches(spec, root, [rows.source_paths[i] for i in todo], device, batch_size=batch_size,
                               workers=workers, precision=spec.precision, compile=compile)
-    with ThreadPoolExecutor(max_workers=1) as writer, \
+    with closing(batches), ThreadPoolExecutor(max_workers=1) as writer, \
             tqdm(total=len(todo), unit="img", disable=not progress, desc="extract", dynamic_ncols=True) as bar:
         buffer = _PartBuffer(cache, rows, writer)
         for batch in batches:

@@ -143,13 +143,19 @@ def feature_batches(spec: BackboneSpec, root, paths: list[str], device: torch.de
     and ``spec`` decodes them at full size); an unreadable file is a per-image error, never a
     failure of the batch. The workers start before the model is built, so the first batches are
     ready when it is; the model is built before this returns, so a model that cannot be built
-    fails here, before any batch."""
+    fails here, before any batch. Close the iterator (``contextlib.closing``) to stop the
+    workers at once when the loop ends early."""
     from .data import ImageFiles, decode_for, image_loader
     from .device_decode import decode_batch
 
     dataset = ImageFiles(Path(root), paths, spec.transform, decode_for(spec.full_decode, device))
     loader = iter(image_loader(dataset, batch_size, workers, device))  # starts the workers
-    run = FeatureExtractor(spec.build(), device, batch_size if compile else None, precision=precision)
+    try:
+        run = FeatureExtractor(spec.build(), device, batch_size if compile else None, precision=precision)
+    except BaseException:
+        # the workers stop now, not whenever the traceback is freed: they share the output's lock
+        del loader
+        raise
 
     def batches() -> Iterator[FeatureBatch]:
         for batch in loader:

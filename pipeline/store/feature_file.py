@@ -252,7 +252,7 @@ def is_up_to_date(out, request: dict, rows: Rows, labels: np.ndarray, split: np.
 
 def stored_precision(out) -> str | None:
     """The precision the feature file ``out`` was made at; None when there is no file yet."""
-    return read_features(out, with_features=False).precision if Path(out).exists() else None
+    return read_features(out, with_features=False, checked=False).precision if Path(out).exists() else None
 
 
 def write_feature_file(target: Path, new: FileRows, sources: list[tuple[Path, int]], attrs: dict,
