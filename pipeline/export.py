@@ -294,11 +294,10 @@ def _temporary(out: Path) -> Path:
 
 def _write_onnx(model: nn.Module, example: torch.Tensor, out: Path, metadata: dict,
                 opset: int | None) -> tuple[list[Path], int]:
-    """torch's TorchScript-based ONNX exporter (``dynamo=False``): one trace of the model, about
-    three times faster than the ``torch.export``-based exporter (torch's default since 2.9, whose
-    fake-tensor tracing and decompositions took 13 s of a 13.4 s ``pipe export`` of
-    efficientnet_lite0), with the same check against pipe's model passing (bench/pipeline.py
-    times it). Every supported backbone is a fixed graph for a given input size, as for
+    """torch's TorchScript-based ONNX exporter (``dynamo=False``): one trace of the model, 3.5 to
+    5.7 times faster on efficientnet_lite0 than the ``torch.export``-based exporter (torch's
+    default since 2.9: fake-tensor tracing and decompositions), with the same check against
+    pipe's model passing (``python bench/export.py --exporters`` times both). Every supported backbone is a fixed graph for a given input size, as for
     ``--format torchscript``; the batch is a named dynamic axis. torch deprecates this exporter
     but ships it. The metadata is added with the onnx package."""
     import onnx
