@@ -2,6 +2,7 @@
 
     python bench/export.py                                        # batch 32, 224 px, 7 rounds
     python bench/export.py --json bench/results/export-cpu-2core.json
+    python bench/export.py --exporters                            # export time: torch's two ONNX exporters
 
 One process, one batch of real photos (scikit-image and scikit-learn sample photos, resized and
 centre-cropped by pipe's eval transform into uint8 pixels), the packaged efficientnet_lite0
@@ -84,10 +85,11 @@ def sides(head, folder: Path) -> dict:
     import onnxruntime
 
     from pipeline.export import INPUT_NAME, OUTPUT_NAME, export_head, load_torchscript
-    from pipeline.extract import FeatureExtractor
-    from pipeline.predict import backbone_for_head
+    from pipeline.forward import FeatureExtractor
+    from pipeline.predict import predict_precision, spec_for_head
 
-    run = FeatureExtractor(backbone_for_head(head), torch.device("cpu"))
+    spec, cpu = spec_for_head(head), torch.device("cpu")
+    run = FeatureExtractor(spec.build(), cpu, precision=predict_precision("auto", spec, cpu))
     storage = np.dtype(run.backbone.spec.dtype)
 
     def pipe(pixels):  # predict_images' forward pass for one batch
@@ -107,6 +109,34 @@ def sides(head, folder: Path) -> dict:
             return traced(pixels).numpy()
 
     return {"pipe": (pipe, 0.0), "onnxruntime": (ort, onnx.seconds), "torchscript": (torchscript, script.seconds)}
+
+
+def exporter_seconds(head, folder: Path, rounds: int = 2) -> dict[str, list[float]]:
+    """Seconds torch's two ONNX exporters take on pipe's deployed model (the graph ``pipe export``
+    writes), taking turns: the TorchScript-based one pipe uses (``dynamo=False``) and the
+    ``torch.export``-based one, torch's default. Without writing metadata or checking."""
+    import warnings
+
+    from pipeline.export import EXAMPLE_BATCH, INPUT_NAME, OUTPUT_NAME, deployable_model
+
+    model, metadata = deployable_model(head)
+    crop = metadata["transform"]["crop"]
+    example = torch.randint(0, 256, (EXAMPLE_BATCH, 3, crop, crop), dtype=torch.uint8)
+    options = {
+        "torchscript-based (dynamo=False, pipe)": dict(dynamo=False, dynamic_axes={INPUT_NAME: {0: "batch"},
+                                                                                   OUTPUT_NAME: {0: "batch"}}),
+        "torch.export-based (dynamo=True)": dict(dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},)),
+    }
+    seconds = {name: [] for name in options}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(rounds):
+            for name, option in options.items():
+                started = time.perf_counter()
+                torch.onnx.export(model, (example,), str(folder / "timed.onnx"), input_names=[INPUT_NAME],
+                                  output_names=[OUTPUT_NAME], **option)
+                seconds[name].append(time.perf_counter() - started)
+    return seconds
 
 
 def measure(runs: dict, pixels: torch.Tensor, rounds: int, warmup: int = 2) -> dict:
@@ -146,6 +176,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=None, help="crop size [default: the weights' 224]")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--exporters", action="store_true",
+                        help="only time torch's two ONNX exporters on the deployed model, side by side")
     args = parser.parse_args()
     keep_large_buffers()  # as pipe's own processes do: every side runs with it
     import onnxruntime
@@ -156,6 +188,10 @@ def main() -> None:
     pixels = sample_pixels(spec.transform, args.batch_size)
     with tempfile.TemporaryDirectory() as folder:
         head = random_head(spec, Path(folder) / "head.pt")
+        if args.exporters:
+            for name, seconds in exporter_seconds(head, Path(folder)).items():
+                print(f"{name}: " + ", ".join(f"{s:.1f} s" for s in seconds))
+            return
         results = measure(sides(head, Path(folder)), pixels, args.rounds)
     pipe_rate = results["pipe"]["images_per_second"]
     print(f"{MODEL}, packaged weights, batch {args.batch_size}, {spec.transform.crop} px, {os.cpu_count()} cores "

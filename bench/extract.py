@@ -11,12 +11,15 @@ On one folder of JPEG photos (250 to 2,600 px wide, made from scikit-image and s
 sample photos), for each model, with glibc keeping large buffers as pipe's processes do
 (:mod:`pipeline.allocator`), real weights where a package ships them (efficientnet_lite0), and
 the batch size pipe uses by default:
-  (a) the ceiling: the model alone on pre-decoded uint8 tensors, with pipe's precision, memory
-      format, BatchNorm folding and normalisation on the device; on the CPU in fresh processes
-      under both OpenMP wait policies (spinning, the default, and passive, which pipe sets), the
-      better one counting; it also prints the rate with BatchNorm not folded;
+  (a) the ceiling: the model alone on pre-decoded uint8 tensors, at the best precision the
+      device has natively (bfloat16 with AVX512-BF16, AMX or CUDA; what `--precision auto`
+      picks), with pipe's memory format, BatchNorm folding and normalisation on the device; on
+      the CPU in fresh processes under both OpenMP wait policies (spinning, the default, and
+      passive, which pipe sets), the better one counting; it also prints the rate in float32 and
+      with BatchNorm not folded;
   (d) the decode cost: seconds per image on one core for pipe's default decoding (and, for
-      comparison, PIL with draft, simplejpeg with DCT scaling, torchvision's full decode);
+      comparison, PIL with draft, simplejpeg with DCT scaling, torchvision's full decode), and
+      pipe's decoding spread over all cores in threads and in processes;
   the achievable rate: 1 / (1/a + d/cores), decoding shared over the cores;
   (b) the peer: torchvision ImageFolder + DataLoader(num_workers=0) + eager NCHW model under no_grad;
   (c) `pipe extract` as a user runs it: a fresh process, from start to exit, less the time a bare
@@ -51,7 +54,7 @@ from pipeline.backbones import resolve_backbone  # noqa: E402
 from pipeline.data import ImageFiles, decode_jpeg, open_rgb  # noqa: E402
 from pipeline.devices import default_batch_size  # noqa: E402
 from pipeline.datasets import load_fashion_mnist  # noqa: E402
-from pipeline.extract import FeatureExtractor  # noqa: E402
+from pipeline.forward import FeatureExtractor, resolve_precision  # noqa: E402
 from pipeline.heads import LinearClassifier  # noqa: E402
 
 
@@ -65,15 +68,15 @@ def sample_photos() -> list[np.ndarray]:
     return [p for p in photos if p.ndim == 3 and p.shape[2] == 3]
 
 
-def make_photo_folder(root: Path, n: int, seed: int = 0, widths=(250, 2600)) -> Path:
-    """``n`` JPEGs, widths uniform in ``widths`` px, in two class folders."""
+def make_photo_folder(root: Path, n: int, seed: int = 0, widths=(250, 2600), classes: int = 2) -> Path:
+    """``n`` JPEGs, widths uniform in ``widths`` px, in ``classes`` class folders."""
     rng = np.random.default_rng(seed)
     photos = sample_photos()
     for i in range(n):
         src = Image.fromarray(photos[i % len(photos)])
         width = int(rng.uniform(*widths))
         image = src.resize((width, max(1, round(width * src.height / src.width))), Image.Resampling.BICUBIC)
-        folder = root / f"class{i % 2}"
+        folder = root / f"class{i % classes}"
         folder.mkdir(parents=True, exist_ok=True)
         image.save(folder / f"{i:04d}.jpg", quality=90)
     return root
@@ -93,11 +96,13 @@ def weights_for(model: str) -> str:
 
 
 def time_ceiling(spec, pixels: torch.Tensor, batch_size: int, compiled: bool = False, device="cpu",
-                 fold: bool = True) -> float:
-    """(a): pipe's forward path (normalise, channels_last, BatchNorm folded, inference_mode; bf16
-    autocast on CUDA) on decoded tensors already on ``device``; with ``compiled``, as `pipe
-    extract --compile` runs it (compilation before the clock); ``fold=False``: BatchNorm kept."""
-    run = FeatureExtractor(spec.build(), torch.device(device), batch_size if compiled else None, fold=fold)
+                 fold: bool = True, precision: str = "auto") -> float:
+    """(a): pipe's forward path (normalise, channels_last, BatchNorm folded, inference_mode, at
+    ``precision``: auto is the best the device has natively) on decoded tensors already on
+    ``device``; with ``compiled``, as `pipe extract --compile` runs it (compilation before the
+    clock); ``fold=False``: BatchNorm kept."""
+    run = FeatureExtractor(spec.build(), torch.device(device), batch_size if compiled else None, fold=fold,
+                           precision=precision)
     pixels = pixels.to(device)
     run(pixels[:batch_size])  # warm-up (features come back to the CPU: each batch is synchronised)
     started = time.perf_counter()
@@ -139,6 +144,32 @@ def decode_costs(files: list[Path], transform) -> dict[str, float]:
         costs[name] = (time.perf_counter() - started) / len(files)
     torch.set_num_threads(threads)
     return costs
+
+
+def _decode_share(files: list[Path], transform) -> int:
+    """Decode ``files`` as pipe's workers do (one torch thread each); how many there were."""
+    torch.set_num_threads(1)
+    dataset = ImageFiles(Path("/"), [str(p.resolve()) for p in files], transform)
+    return sum(dataset[i][1] is not None for i in range(len(dataset)))
+
+
+def parallel_decode(files: list[Path], transform, cores: int) -> dict[str, float]:
+    """Images per second of pipe's decoding (file to crop-sized uint8 tensor) spread over ``cores``
+    threads of one process, and over ``cores`` processes (what the DataLoader's workers are): PIL
+    releases the GIL while it decodes and resizes, so threads could do without the inter-process
+    copies, if the rest of the work does not hold the GIL too long."""
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    shares = [files[i::cores] for i in range(cores)]
+    threads, rates = torch.get_num_threads(), {}
+    for name, pool in (("threads", ThreadPoolExecutor), ("processes", ProcessPoolExecutor)):
+        with pool(max_workers=cores) as executor:
+            list(executor.map(_decode_share, [share[:2] for share in shares], [transform] * cores))  # warm-up
+            started = time.perf_counter()
+            count = sum(executor.map(_decode_share, shares, [transform] * cores))
+            rates[name] = count / (time.perf_counter() - started)
+    torch.set_num_threads(threads)  # the threads' setting is this process's
+    return rates
 
 
 def time_peer(spec, root: Path, device="cpu") -> float:
@@ -193,34 +224,42 @@ def speed(models: list[str], n: int, root: Path, device: str = "cpu", sched: boo
     batch_size = default_batch_size(torch.device(device))
     names = sorted(str(p.relative_to(root)) for p in root.rglob("*.jpg"))
     sample = [root / name for name in names[:min(len(names), 300)]]
+    best = resolve_precision("auto", torch.device(device))
     for model in models:
         spec = resolve_backbone(model, weights_for(model))
         if device == "cpu":  # in fresh processes: the OpenMP wait policy is set when torch loads
             a, by_policy = best_cpu_ceiling(model, batch_size)
             unfolded, _ = best_cpu_ceiling(model, batch_size, fold=False)
+            float32, _ = best_cpu_ceiling(model, batch_size, precision="float32")
         else:
             files = ImageFiles(root, names, spec.transform)
             pixels = torch.stack([files[i][1] for i in range(len(files))])
             a, by_policy = time_ceiling(spec, pixels, batch_size, device=device), {}
             unfolded = time_ceiling(spec, pixels, batch_size, device=device, fold=False)
+            float32 = time_ceiling(spec, pixels, batch_size, device=device, precision="float32")
         costs = decode_costs(sample, spec.transform)
+        parallel = parallel_decode(sample, spec.transform, cores)
         d = costs["pil_draft (pipe)"]
         achievable = 1 / (1 / a + d / cores)
         b = time_peer(spec, root, device)
         c, startup = time_pipe(model, root, n, device)
-        results[model] = {"device": device, "weights": spec.weights.id, "batch_size": batch_size, "ceiling": a,
+        results[model] = {"device": device, "weights": spec.weights.id, "batch_size": batch_size, "precision": best,
+                          "ceiling": a, "ceiling_float32": float32,
                           "ceiling_by_openmp_wait_policy": by_policy, "ceiling_batchnorm_not_folded": unfolded,
-                          "decode_seconds_per_image_one_core": costs, "achievable": achievable, "peer": b,
+                          "decode_seconds_per_image_one_core": costs, "decode_images_per_second_all_cores": parallel,
+                          "achievable": achievable, "peer": b,
                           "pipe": c, "python_torch_startup_seconds": startup,
                           "c/a": c / a, "c/achievable": c / achievable, "c/b": c / b}
-        print(f"{model} ({spec.weights.id}, batch {batch_size}): (a) ceiling {a:.1f} img/s ({unfolded:.1f} with "
-              f"BatchNorm not folded), (d) decode {1000 * d:.1f} ms/img on one core -> achievable "
+        print(f"{model} ({spec.weights.id}, batch {batch_size}): (a) ceiling {a:.1f} img/s in {best} ({float32:.1f} "
+              f"in float32, {unfolded:.1f} with BatchNorm not folded), (d) decode {1000 * d:.1f} ms/img on one core -> achievable "
               f"{achievable:.1f} img/s on {cores} cores; (b) peer {b:.1f} img/s; (c) pipe {c:.1f} img/s "
               f"(less {startup:.1f} s start-up)", flush=True)
         if by_policy:
             print("    ceiling by OpenMP wait policy: " + ", ".join(f"{k} {v:.1f}" for k, v in by_policy.items()))
         print(f"    c/a {c / a:.2f}   c/achievable {c / achievable:.2f}   c/b {c / b:.2f}", flush=True)
         print("    one-core decode, ms/img: " + ", ".join(f"{k} {1000 * v:.1f}" for k, v in costs.items()), flush=True)
+        print(f"    pipe's decode on {cores} cores, img/s: " + ", ".join(f"{k} {v:.1f}" for k, v in parallel.items()),
+              flush=True)
         if sched:
             plain, _ = time_pipe(model, root, n, device, env={"PIPE_SCHED": "default"})
             results[model]["pipe_with_PIPE_SCHED_default"] = plain
@@ -229,16 +268,16 @@ def speed(models: list[str], n: int, root: Path, device: str = "cpu", sched: boo
     return results
 
 
-def ceiling_child(model: str, batch_size: int, fold: bool) -> None:
-    """Print the ceiling of ``model`` at ``batch_size`` with this process's allocator and
-    OpenMP settings."""
+def ceiling_child(model: str, batch_size: int, fold: bool, precision: str) -> None:
+    """Print the ceiling of ``model`` at ``batch_size`` and ``precision`` with this process's
+    allocator and OpenMP settings."""
     if os.environ.get("PIPE_MALLOC") != "system":
         keep_large_buffers()
     spec = resolve_backbone(model, weights_for(model))
     n = max(4, -(-512 // batch_size)) * batch_size  # at least 512 images: seconds, not a blip
     pixels = torch.randint(0, 256, (n, 3, spec.transform.crop, spec.transform.crop), dtype=torch.uint8)
     started = os.times()
-    rate = time_ceiling(spec, pixels, batch_size, fold=fold)
+    rate = time_ceiling(spec, pixels, batch_size, fold=fold, precision=precision)
     used = os.times()
     print(json.dumps({"rate": rate, "user": used.user - started.user, "system": used.system - started.system}))
 
@@ -247,17 +286,19 @@ def ceiling_child(model: str, batch_size: int, fold: bool) -> None:
 OMP_POLICIES = {"OpenMP default (spin)": {}, "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"}}
 
 
-def ceiling_in_child(model: str, batch_size: int, env: dict, fold: bool = True) -> dict:
+def ceiling_in_child(model: str, batch_size: int, env: dict, fold: bool = True, precision: str = "auto") -> dict:
     """:func:`ceiling_child` in a fresh process with ``env`` added to the environment."""
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "PIPE_MALLOC")}
-    out = subprocess.run([sys.executable, __file__, "--ceiling-child", model, str(batch_size), str(int(fold))],
+    out = subprocess.run([sys.executable, __file__, "--ceiling-child", model, str(batch_size), str(int(fold)),
+                          precision],
                          env={**clean, **env}, capture_output=True, text=True, check=True, cwd=REPO)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def best_cpu_ceiling(model: str, batch_size: int, fold: bool = True) -> tuple[float, dict]:
+def best_cpu_ceiling(model: str, batch_size: int, fold: bool = True, precision: str = "auto") -> tuple[float, dict]:
     """The model alone at its best OpenMP wait policy, and the rate under each."""
-    rates = {name: ceiling_in_child(model, batch_size, env, fold)["rate"] for name, env in OMP_POLICIES.items()}
+    rates = {name: ceiling_in_child(model, batch_size, env, fold, precision)["rate"]
+             for name, env in OMP_POLICIES.items()}
     return max(rates.values()), rates
 
 
@@ -394,11 +435,13 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also measure what torch.compile gains")
     parser.add_argument("--sched", action="store_true",
                         help="also time pipe with PIPE_SCHED=default: what sharing the cores gains")
-    parser.add_argument("--ceiling-child", nargs=3, metavar=("MODEL", "BATCH", "FOLD"), help=argparse.SUPPRESS)
+    parser.add_argument("--ceiling-child", nargs=4, metavar=("MODEL", "BATCH", "FOLD", "PRECISION"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.ceiling_child:
-        return ceiling_child(args.ceiling_child[0], int(args.ceiling_child[1]), args.ceiling_child[2] == "1")
+        model, batch, fold, precision = args.ceiling_child
+        return ceiling_child(model, int(batch), fold == "1", precision)
     keep_large_buffers()  # as pipe's own processes do: every side of a comparison runs with it
     models = args.models.split(",")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "

@@ -22,7 +22,8 @@ def extract(data=None, *, manifest=None, root=None, label_sep: str = defaults.LA
             dtype: str = defaults.FEATURE_DTYPE, split_fractions=defaults.SPLIT_FRACTIONS, seed: int = defaults.SEED,
             overwrite: bool = False, strict: bool = False, checkpoint_every: int = defaults.CHECKPOINT_EVERY,
             shard: tuple[int, int] | None = None, layer: str | None = None, pool: str | None = None,
-            tta: str | None = None, full_decode: bool | None = None, compile: bool = False, progress: bool = True):
+            tta: str | None = None, full_decode: bool | None = None, compile: bool = False,
+            precision: str = defaults.PRECISION, progress: bool = True):
     """Run the frozen backbone ``model`` once over the image folder ``data`` (or the
     ``manifest`` table of images) and cache the pooled features in ``out``, as ``pipe
     extract`` does (same options, same defaults; see ``pipe extract --help``). Images already
@@ -36,27 +37,30 @@ def extract(data=None, *, manifest=None, root=None, label_sep: str = defaults.LA
         data, model=model, weights=weights, out=out, batch_size=batch_size, workers=workers, device=device,
         image_size=image_size, dtype=dtype, split_fractions=split_fractions, seed=seed, overwrite=overwrite,
         strict=strict, checkpoint_every=checkpoint_every, progress=progress, shard=shard, layer=layer, pool=pool,
-        tta=tta, full_decode=full_decode, compile=compile, manifest_file=manifest, root=root, label_sep=label_sep)
+        tta=tta, full_decode=full_decode, compile=compile, manifest_file=manifest, root=root, label_sep=label_sep,
+        precision=precision)
     for warning in summary.warnings:
         warnings.warn(warning, stacklevel=2)
     return read_features(summary.out)
 
 
 def predict(head, images, *, topk: int = defaults.TOPK, device: str = defaults.DEVICE,
-            batch_size: int = defaults.PREDICT_BATCH_SIZE) -> list[dict]:
+            batch_size: int = defaults.PREDICT_BATCH_SIZE, precision: str = defaults.PRECISION) -> list[dict]:
     """Classify ``images`` (an image file or folder, or a list of them) with ``head`` (a
     :class:`~pipeline.Head` or the path of a head file) and the backbone it was trained on.
 
     Returns one dict per image, the items of ``pipe predict --json``: ``path``, ``top`` (the
     ``topk`` most probable classes, or every class at or above its threshold for a
     multi-label head, as ``{"class", "probability"}``) and, for an unreadable image,
-    ``error``."""
+    ``error``. ``precision`` "auto" runs the backbone at the precision the head's features were
+    made at."""
     from .heads import Head, load_head
     from .predict import predict_images, predictions_json
 
     head = head if isinstance(head, Head) else load_head(head)
     inputs = [images] if isinstance(images, (str, Path)) else list(images)
-    return predictions_json(predict_images(head, inputs, topk, device, batch_size), head)["predictions"]
+    return predictions_json(predict_images(head, inputs, topk, device, batch_size,
+                                           precision=precision), head)["predictions"]
 
 
 def export(head, format: str, out=None, *, opset: int | None = None):

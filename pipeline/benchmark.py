@@ -46,6 +46,7 @@ from .benchmark_results import (MOMENTUM, STRATEGIES, STRATEGY_LABELS, BenchImag
                                 StrategyResult)
 from .devices import resolve_device
 from .errors import PipeError
+from .forward import model_input
 
 
 
@@ -195,8 +196,7 @@ class _Runner:
         self.device = device
 
     def pixels(self, batch: torch.Tensor) -> torch.Tensor:
-        x = batch.to(self.device, non_blocking=True)
-        return self.transform.normalize(x).contiguous(memory_format=torch.channels_last)
+        return model_input(batch, self.transform, self.device)
 
     def features(self, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
         """Backbone features of all ``pixels`` in eval mode without autograd (the extraction)."""

@@ -11,7 +11,7 @@ from . import __version__, defaults
 from .allocator import keep_large_buffers
 from .cli_options import (DOCS_INDEX, MAX_LR, MAX_TRIALS, MAX_WORKERS, POSITIVE, SEED, FiniteFloat, FloatList, IntList,
                           NameList, PipeGroup, Shard, backbone_options, config_option, device_option, ensure_parent,
-                          global_flags, show_debug_log)
+                          global_flags, precision_option, show_debug_log)
 from .cpu_sharing import let_threads_sleep
 
 
@@ -46,6 +46,7 @@ def main(ctx, quiet, debug):
 @click.option("--workers", default=None, type=click.IntRange(0, MAX_WORKERS),
               help="DataLoader workers [default: CPU cores, at most 8].")
 @device_option
+@precision_option
 @click.option("--dtype", default=defaults.FEATURE_DTYPE, show_default=True, type=click.Choice(["float16", "float32"]),
               help="Storage dtype of the features.")
 @click.option("--split-fractions", default=defaults.SPLIT_FRACTIONS, type=FloatList(0, 1, count=3),
@@ -216,17 +217,18 @@ def report(features, head, split, out, seed):
 @click.option("--topk", default=defaults.TOPK, show_default=True, type=POSITIVE,
               help="Classes shown per image (a multi-label head shows every class above its threshold).")
 @device_option
+@precision_option
 @click.option("--batch-size", default=defaults.PREDICT_BATCH_SIZE, show_default=True, type=POSITIVE)
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
               help="Also write each image's top-k classes and probabilities as JSON.")
 @config_option
-def predict(inputs, head, topk, device, batch_size, json_path):
+def predict(inputs, head, topk, device, precision, batch_size, json_path):
     """Classify images (files or folders) with a trained head and its backbone."""
     from .heads import load_head
     from .predict import predict_images, predictions_json
 
     head = load_head(head)
-    predictions = predict_images(head, inputs, topk, device, batch_size)
+    predictions = predict_images(head, inputs, topk, device, batch_size, precision=precision)
     for p in predictions:
         if p.error:
             click.echo(f"{p.path}: skipped ({p.error})")

@@ -13,6 +13,7 @@ import click
 from . import defaults
 from .config import command_defaults
 from .errors import PipeError
+from .forward import PRECISIONS
 
 POSITIVE = click.IntRange(min=1)
 SEED = click.IntRange(0, 2**32 - 1)  # what numpy, torch and scikit-learn all accept
@@ -232,5 +233,9 @@ def backbone_options(command):
 
 device_option = click.option("--device", default=defaults.DEVICE, show_default=True,
                              help="auto (CUDA when present), cpu or cuda.")
+precision_option = click.option(
+    "--precision", default=defaults.PRECISION, show_default=True, type=click.Choice(PRECISIONS),
+    help="The model's arithmetic: auto is bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), "
+         "float32 elsewhere; extract keeps an existing file's precision, predict the head's.")
 config_option = click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
                              callback=_load_config, help="TOML preset; its [command] table sets defaults.")

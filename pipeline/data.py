@@ -21,8 +21,6 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 from .allocator import keep_large_buffers
 from .cpu_sharing import yield_to_model
@@ -84,7 +82,11 @@ class EvalTransform:
 
     def pixels(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         """PIL image or (3, H, W) uint8 tensor (on any device) -> (3, crop, crop) uint8 tensor,
-        resized with antialiasing and centre-cropped."""
+        resized with antialiasing and centre-cropped. (torchvision is imported here, not with the
+        module: the report reads images with :func:`open_rgb` and never needs it.)"""
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2 import functional as TF
+
         image = TF.resize(image, self.resize, interpolation=InterpolationMode(self.interpolation), antialias=True)
         image = TF.center_crop(image, [self.crop, self.crop])
         return image if isinstance(image, torch.Tensor) else TF.pil_to_tensor(image)

@@ -19,6 +19,7 @@ FEATURE_DTYPE = "float16"
 SPLIT_FRACTIONS = (0.7, 0.15, 0.15)  # train, val, test, for a folder without given splits
 CHECKPOINT_EVERY = 1024
 LABEL_SEP = "|"
+PRECISION = "auto"  # of the model: bfloat16 where the device has it natively, else float32 (pipeline.forward)
 
 # heads: the trainers train-head knows (pipeline.heads.make_estimator's names) and their defaults
 HEAD_KIND = "linear"

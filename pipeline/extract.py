@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import closing
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -17,15 +17,16 @@ from tqdm import tqdm
 from . import __version__, defaults
 from .devices import default_batch_size, default_workers, resolve_device
 from .errors import PipeError
+from .forward import check_precision
 from .manifest import read_manifest
 from .scan import display_path, scan_image_folder, split_warnings
-from .store import FEATURE_DTYPES, ExtractionCache, Rows, extraction_record, is_up_to_date
+from .store import FEATURE_DTYPES, ExtractionCache, Rows, extraction_record, is_up_to_date, stored_precision
 
 # torch is imported only once there is work to do: an up-to-date run stays fast
 if TYPE_CHECKING:
     import torch
 
-    from .backbones import Backbone, BackboneSpec
+    from .backbones import BackboneSpec
 
 
 @dataclass
@@ -47,45 +48,8 @@ class ExtractSummary:
         return self.extracted / self.seconds if self.seconds else 0.0
 
 
-class FeatureExtractor:
-    """Runs a :class:`Backbone` on uint8 image batches: normalisation on the device,
-    channels_last, BatchNorm folded into the convolutions (:mod:`pipeline.backbones.folding`),
-    autocast on CUDA, eval mode and ``inference_mode``.
-
-    ``compile_batch`` compiles the module with ``torch.compile`` for that batch size; smaller
-    batches (the last one) are zero-padded to it, so the graph compiles once. ``fold=False``
-    leaves the BatchNorms as they are (bench/extract.py measures what folding gains)."""
-
-    def __init__(self, backbone: Backbone, device: torch.device, compile_batch: int | None = None, fold: bool = True):
-        import torch
-
-        from .backbones.folding import fold_batchnorm
-
-        self.backbone = backbone
-        self.device = device
-        self.module = backbone.module.to(device).to(memory_format=torch.channels_last)
-        crop = backbone.spec.transform.crop
-        example = torch.randn(1, 3, crop, crop, generator=torch.Generator().manual_seed(0))
-        example = example.to(device).contiguous(memory_format=torch.channels_last)
-        self.folded = fold_batchnorm(self.module, example) if fold else 0
-        self.compile_batch = compile_batch
-        if compile_batch:
-            self.module = torch.compile(self.module, dynamic=False)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
-
-    def __call__(self, pixels: torch.Tensor) -> np.ndarray:
-        import torch
-
-        n = len(pixels)
-        x = pixels.to(self.device, non_blocking=True)
-        if self.compile_batch and n < self.compile_batch:
-            x = torch.cat([x, x.new_zeros((self.compile_batch - n, *x.shape[1:]))])
-        x = self.backbone.spec.transform.normalize(x).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), self.autocast:
-            return self.module(x)[:n].float().cpu().numpy()
-
-
-def _check_options(dtype: str, batch_size: int | None, checkpoint_every: int) -> None:
+def _check_options(dtype: str, precision: str, batch_size: int | None, checkpoint_every: int) -> None:
+    check_precision(precision)
     if dtype not in FEATURE_DTYPES:
         raise PipeError(f"--dtype must be one of {', '.join(FEATURE_DTYPES)}, got {dtype!r}")
     if (batch_size is not None and batch_size < 1) or checkpoint_every < 1:
@@ -117,6 +81,7 @@ def extract_features(
     manifest_file=None,
     root=None,
     label_sep: str = defaults.LABEL_SEP,
+    precision: str = defaults.PRECISION,
 ) -> ExtractSummary:
     """Extract features for every image under ``data_root``, or listed in the table
     ``manifest_file`` (CSV, TSV or Parquet; paths relative to ``root``, by default the table's
@@ -135,8 +100,12 @@ def extract_features(
     ``batch_size`` None is the device's default (:func:`pipeline.devices.default_batch_size`).
     ``full_decode`` None decodes JPEGs at full size on CUDA, where the GPU decodes them
     (:mod:`pipeline.device_decode`), and at a reduced DCT scale on the CPU.
+
+    ``precision`` is the model's arithmetic (:mod:`pipeline.forward`): ``auto`` continues an
+    existing ``out`` at the precision it was made at, else takes bfloat16 where the device has
+    it natively; rows of two precisions never share a file (they have different fingerprints).
     """
-    _check_options(dtype, batch_size, checkpoint_every)
+    _check_options(dtype, precision, batch_size, checkpoint_every)
     started = time.perf_counter()
     if (data_root is None) == (manifest_file is None):
         raise PipeError("give either a data folder or --manifest FILE (not both)")
@@ -147,7 +116,7 @@ def extract_features(
     selected = np.arange(len(manifest)) if shard is None else _shard_rows(len(manifest), *shard)
     rows = Rows([display_path(manifest.paths[i]) for i in selected], manifest.size[selected],
                 manifest.mtime_ns[selected], [manifest.paths[i] for i in selected])
-    request = _request(model, weights, image_size, dtype, layer, pool, tta, full_decode)
+    request = _request(model, weights, image_size, dtype, layer, pool, tta, full_decode, precision)
     labels, split = manifest.labels[selected], manifest.split[selected]
     targets = None if manifest.targets is None else manifest.targets[selected]
     warnings = list(manifest.notes)
@@ -160,11 +129,14 @@ def extract_features(
                               seconds=time.perf_counter() - started, written=False, warnings=warnings)
     from .backbones import resolve_backbone
     from .distributed import Workers
+    from .forward import resolve_precision
 
     target = resolve_device(device)
     batch_size = batch_size or default_batch_size(target)
+    precision = resolve_precision(precision, target, None if overwrite else stored_precision(out))
     spec = resolve_backbone(model, weights, image_size, dtype, layer=layer, pool=pool, tta=tta,
-                            full_decode=target.type == "cuda" if full_decode is None else full_decode)
+                            full_decode=target.type == "cuda" if full_decode is None else full_decode,
+                            precision=precision)
     group = Workers.from_env(target)
     cache = ExtractionCache(out, spec.identity, spec.fingerprint, dtype, overwrite, writer=group.rank)
     try:
@@ -181,9 +153,8 @@ def extract_features(
                 return [], 0.0
             on = group.device(target)
             loop_started = time.perf_counter()
-            failures = _run(spec, on, lambda: FeatureExtractor(spec.build(), on, batch_size if compile else None),
-                            manifest.root, mine, rows, cache, batch_size, workers, checkpoint_every,
-                            progress and group.is_leader)
+            failures = _run(spec, on, manifest.root, mine, rows, cache, batch_size, workers, compile,
+                            checkpoint_every, progress and group.is_leader)
             return failures, time.perf_counter() - loop_started
 
         shares = group.gather(run_my_share)
@@ -195,7 +166,7 @@ def extract_features(
         attrs = {
             "classes": manifest.classes, "model": spec.name, "weights": spec.weights.given, "weights_id": spec.weights.id,
             "transform": spec.transform.to_dict(), "identity": spec.identity, "fingerprint": spec.fingerprint,
-            "dtype": dtype, "pipe_version": __version__, "data_root": str(manifest.root.resolve()),
+            "dtype": dtype, "precision": spec.precision, "pipe_version": __version__, "data_root": str(manifest.root.resolve()),
             "split_seed": seed, "split_fractions": list(split_fractions), "given_splits": manifest.given_splits,
             "request": request, **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {}),
             **({"manifest": str(Path(manifest_file).resolve())} if manifest_file is not None else {}),
@@ -211,7 +182,7 @@ def extract_features(
                           warnings=warnings)
 
 
-def _request(model, weights, image_size, dtype, layer, pool, tta, full_decode) -> dict:
+def _request(model, weights, image_size, dtype, layer, pool, tta, full_decode, precision) -> dict:
     """The settings of an extraction as given, plus what could change their meaning (library
     versions, a weights file's size and mtime): equal requests make equal features, which
     lets an up-to-date run finish without loading torch or the model."""
@@ -219,7 +190,7 @@ def _request(model, weights, image_size, dtype, layer, pool, tta, full_decode) -
     stat = weights_file.stat() if weights_file.is_file() else None
     return {
         "model": model, "weights": weights, "image_size": image_size, "dtype": dtype, "layer": layer,
-        "pool": pool, "tta": tta, "full_decode": full_decode,
+        "pool": pool, "tta": tta, "full_decode": full_decode, "precision": precision,
         "weights_file": [stat.st_size, stat.st_mtime_ns] if stat else None,
         "versions": {name: _version(name) for name in ("torch", "torchvision", "timm", "pipe")},
     }
@@ -273,36 +244,29 @@ class _PartBuffer:
         self.done, self.features, self.failed, self.reasons = [], [], [], []
 
 
-def _run(spec: BackboneSpec, device: torch.device, make_run: Callable[[], FeatureExtractor], root,
-         todo: list[int], rows: Rows, cache: ExtractionCache, batch_size: int, workers: int,
-         checkpoint_every: int, progress: bool) -> list[tuple[str, str]]:
-    """The extraction loop over manifest rows ``todo``: decode in DataLoader workers (JPEGs on the
-    GPU when there is one), forward with the extractor ``make_run`` builds, commit a part every
-    ``checkpoint_every`` images. The workers start decoding before the model is built, so the
-    first batches are ready when it is. Returns the failures."""
-    from .data import ImageFiles, decode_for, image_loader
-    from .device_decode import decode_batch
+def _run(spec: BackboneSpec, device: torch.device, root, todo: list[int], rows: Rows, cache: ExtractionCache,
+         batch_size: int, workers: int, compile: bool, checkpoint_every: int, progress: bool) -> list[tuple[str, str]]:
+    """The extraction loop over manifest rows ``todo``: feature rows from
+    :func:`pipeline.forward.feature_batches`, a part committed every ``checkpoint_every`` images.
+    Returns the failures."""
+    from .forward import feature_batches
 
-    dataset = ImageFiles(root, [rows.source_paths[i] for i in todo], spec.transform, decode_for(spec.full_decode, device))
-    loader = iter(image_loader(dataset, batch_size, workers, device))  # starts the workers
-    run = make_run()
     failures = []
-    with ThreadPoolExecutor(max_workers=1) as writer, \
+    batches = feature_batches(spec, root, [rows.source_paths[i] for i in todo], device, batch_size=batch_size,
+                              workers=workers, precision=spec.precision, compile=compile)
+    with closing(batches), ThreadPoolExecutor(max_workers=1) as writer, \
             tqdm(total=len(todo), unit="img", disable=not progress, desc="extract", dynamic_ncols=True) as bar:
         buffer = _PartBuffer(cache, rows, writer)
-        for batch in loader:
-            pixels, errors = decode_batch(batch, spec.transform, run.device)
-            rows_in_batch = [todo[i] for i in batch.index.tolist()]
-            good = [j for j, e in enumerate(errors) if not e]
-            if good:
-                buffer.features.append(run(pixels if len(good) == len(errors) else pixels[good]))
-                buffer.done.extend(rows_in_batch[j] for j in good)
-            for row, error in zip(rows_in_batch, errors):
+        for batch in batches:
+            if len(batch.features):
+                buffer.features.append(batch.features)
+                buffer.done.extend(todo[i] for i in batch.read)
+            for i, error in zip(batch.index, batch.errors):
                 if error:
-                    buffer.failed.append(row)
+                    buffer.failed.append(todo[i])
                     buffer.reasons.append(error)
-                    failures.append((rows.paths[row], error))
-            bar.update(len(errors))
+                    failures.append((rows.paths[todo[i]], error))
+            bar.update(len(batch.errors))
             if len(buffer) >= checkpoint_every:
                 buffer.flush()
         buffer.flush()

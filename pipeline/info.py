@@ -16,6 +16,7 @@ def _describe_features(path: Path, show_failed: bool) -> list[str]:
         f"feature file  {path}",
         f"model         {fs.attrs['model']} (weights {fs.attrs['weights']}: {fs.attrs['weights_id']})",
         f"features      {len(fs)} x {fs.attrs['feature_dim']} {fs.attrs['dtype']}  ({counts})",
+        f"precision     {fs.precision}" + ("" if "precision" in fs.attrs else " (file written before pipe recorded it)"),
         f"transform     {fs.attrs['transform']}",
         f"classes       {len(fs.classes)}: {', '.join(fs.classes)}"
         + (f" (multi-label: {fs.targets.sum() / max(len(fs), 1):.2f} labels per image)" if fs.multilabel else ""),

@@ -5,17 +5,22 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .backbones import resolve_backbone
-from .data import EvalTransform, ImageFiles, decode_for, image_loader
-from .device_decode import decode_batch
-from .scan import IMAGE_EXTENSIONS
-from .errors import PipeError
+from . import defaults
 from .devices import resolve_device
-from .extract import FeatureExtractor
+from .errors import PipeError
+from .forward import check_precision
 from .heads import Head
+from .scan import IMAGE_EXTENSIONS
+from .store import LEGACY_PRECISION
+
+if TYPE_CHECKING:
+    import torch
+
+    from .backbones import Backbone, BackboneSpec
 
 
 @dataclass
@@ -60,13 +65,17 @@ def expand_inputs(inputs) -> list[Path]:
     return files
 
 
-def spec_for_head(head: Head):
-    """The backbone spec a head's features came from, checked to still make the same features
-    (e.g. that a weights file was not replaced since extraction)."""
+def spec_for_head(head: Head) -> BackboneSpec:
+    """The backbone a head's features came from, checked to still make the same features (e.g.
+    that a weights file was not replaced since extraction)."""
+    from .backbones import resolve_backbone
+    from .data import EvalTransform
+
     source, identity = head.source, head.source["identity"]
     spec = resolve_backbone(source["model"], source["weights"], dtype=identity["dtype"], layer=identity.get("layer"),
                             pool=None if identity["pool"] == "default" else identity["pool"],
-                            tta=identity.get("tta"), full_decode=identity.get("decode") == "full")
+                            tta=identity.get("tta"), full_decode=identity.get("decode") == "full",
+                            precision=identity.get("precision", LEGACY_PRECISION))
     spec = dataclasses.replace(spec, transform=EvalTransform.from_dict(source["transform"]))
     if spec.fingerprint != head.fingerprint:
         raise PipeError(f"the backbone {spec.name} with weights {spec.weights.given} now gives features "
@@ -75,38 +84,48 @@ def spec_for_head(head: Head):
     return spec
 
 
-def backbone_for_head(head: Head):
-    """Rebuild the backbone a head's features came from (see :func:`spec_for_head`)."""
+def backbone_for_head(head: Head) -> Backbone:
+    """:func:`spec_for_head`, built."""
     return spec_for_head(head).build()
 
 
-def classify(head: Head, run: FeatureExtractor, pixels) -> np.ndarray:
-    """Class probabilities (N, C) of a batch of uint8 pixels, through ``run``'s backbone and
-    ``head``. The features round-trip through the cache's storage dtype: the head saw them stored
-    that way."""
-    storage = np.dtype(run.backbone.spec.dtype)
-    return head.predict_proba(run(pixels).astype(storage).astype(np.float32))
+def predict_precision(precision: str, spec: BackboneSpec, device: torch.device) -> str:
+    """The precision predict runs at: ``auto`` is the one the head's features were made at
+    (the head saw those features), except bfloat16 on a device that only emulates it, where
+    float32 is faster and differs from bfloat16 features by no more than they differ from it."""
+    from .forward import native_bfloat16, resolve_precision
+
+    if precision == "auto" and spec.precision == "bfloat16" and not native_bfloat16(device):
+        return "float32"
+    return resolve_precision(precision, device, existing=spec.precision)
 
 
-def predict_images(head: Head, inputs, topk: int = 5, device: str = "auto", batch_size: int = 32,
-                   workers: int = 0) -> list[Prediction]:
-    """Classify image files (or folders of them) with ``head`` and its backbone."""
+def head_probabilities(head: Head, features: np.ndarray, storage_dtype: str) -> np.ndarray:
+    """Class probabilities (N, C) of backbone features (N, D). The features round-trip through
+    the cache's storage dtype first: the head saw them stored that way."""
+    return head.predict_proba(features.astype(np.dtype(storage_dtype)).astype(np.float32))
+
+
+def predict_images(head: Head, inputs, topk: int = defaults.TOPK, device: str = defaults.DEVICE,
+                   batch_size: int = defaults.PREDICT_BATCH_SIZE,
+                   workers: int = 0, precision: str = defaults.PRECISION) -> list[Prediction]:
+    """Classify image files (or folders of them) with ``head`` and its backbone, at
+    ``precision`` (:func:`predict_precision`)."""
+    from .forward import feature_batches
+
+    check_precision(precision)
     files = expand_inputs(inputs)
-    backbone = backbone_for_head(head)
-    run = FeatureExtractor(backbone, resolve_device(device))
-    transform = backbone.spec.transform
-    dataset = ImageFiles(Path("."), [str(p) for p in files], transform, decode_for(backbone.spec.full_decode, run.device))
-    loader = image_loader(dataset, batch_size, workers, run.device)
+    spec = spec_for_head(head)
+    target = resolve_device(device)
     k = min(topk, len(head.classes))
     results = []
-    for batch in loader:
-        pixels, errors = decode_batch(batch, transform, run.device)
-        good = [j for j, e in enumerate(errors) if not e]
-        proba = classify(head, run, pixels[good]) if good else None
-        row = dict(zip(good, range(len(good))))
-        for j, i in enumerate(batch.index.tolist()):
-            if errors[j]:
-                results.append(Prediction(str(files[i]), [], errors[j]))
-                continue
-            results.append(Prediction(str(files[i]), head.top_labels(proba[row[j]], k)))
+    for batch in feature_batches(spec, ".", [str(p) for p in files], target, batch_size=batch_size, workers=workers,
+                                 precision=predict_precision(precision, spec, target)):
+        proba = head_probabilities(head, batch.features, spec.dtype) if batch.read else None
+        row = {i: r for r, i in enumerate(batch.read)}
+        for i, error in zip(batch.index, batch.errors):
+            if error:
+                results.append(Prediction(str(files[i]), [], error))
+            else:
+                results.append(Prediction(str(files[i]), head.top_labels(proba[row[i]], k)))
     return results

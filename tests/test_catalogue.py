@@ -19,7 +19,7 @@ from conftest import invoke, make_image_folder
 from pipeline.backbones import resolve_backbone
 from pipeline.backbones.catalog import catalog, feature_dim
 from pipeline.export import load_torchscript
-from pipeline.extract import FeatureExtractor
+from pipeline.forward import FeatureExtractor
 from pipeline.heads import load_head
 from test_export import predict_pixels
 from test_folding import randomise_batchnorm
@@ -51,7 +51,7 @@ def test_folded_extraction_keeps_the_features_and_the_listed_dim(name, size):
     pixels = torch.randint(0, 256, (3, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = backbone.module(spec.transform.normalize(pixels)).numpy()
-    run = FeatureExtractor(backbone, torch.device("cpu"))
+    run = FeatureExtractor(backbone, torch.device("cpu"), precision="float32")
     got = run(pixels)
     listed = feature_dim(name)  # None only for timm names the table leaves out (there are a thousand)
     assert got.shape == (3, backbone.feature_dim) and backbone.feature_dim == (listed or backbone.feature_dim)
@@ -75,7 +75,7 @@ def test_predict_and_export_run_on_every_kind_of_network(kind, tmp_path):
     data = make_image_folder(tmp_path / "data", per_class=3, size=size)
     features, head = tmp_path / "features.h5", tmp_path / "head.pt"
     ok("extract", data, "--out", features, "--model", name, "--weights", "none", "--image-size", size,
-       "--workers", "0", "--batch-size", "9")
+       "--workers", "0", "--batch-size", "9", "--precision", "float32")  # the exported graph is float32
     ok("train-head", features, "--out", head, "--grid", "1")
     images = sorted(data.rglob("*.png"))[::3]
     ok("predict", *images, "--head", head, "--topk", 3, "--device", "cpu", "--json", tmp_path / "p.json")

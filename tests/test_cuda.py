@@ -12,13 +12,16 @@ import pytest
 import torch
 
 from conftest import FAST_BACKBONE
-from pipeline.extract import FeatureExtractor  # runs the backbone on one batch: spied on below
+from pipeline.forward import FeatureExtractor  # runs the backbone on one batch: spied on below
 from pipeline.heads import LinearHead
+from pipeline.store import read_features
 from test_cli import parse_predictions
 
 pytestmark = pytest.mark.cuda
 
-CPU_EXTRACT = (*FAST_BACKBONE, "--workers", "0", "--batch-size", "8", "--device", "cpu")
+# bfloat16 on the CPU as well (emulated where the CPU lacks it): the precision is part of the features'
+# identity, the device is not
+CPU_EXTRACT = (*FAST_BACKBONE, "--workers", "0", "--batch-size", "8", "--device", "cpu", "--precision", "bfloat16")
 
 
 def read(path):
@@ -64,7 +67,8 @@ def test_extract_on_cuda_runs_bf16_autocast_on_pinned_batches_and_matches_cpu(cp
     data, cpu = cpu_features
     batches.clear()
     gpu = tmp_path / "gpu.h5"
-    result = run_cli("extract", data, "--out", gpu, *CPU_EXTRACT, "--device", "auto")  # auto: the GPU
+    result = run_cli("extract", data, "--out", gpu, *CPU_EXTRACT, "--device", "auto",
+                     "--precision", "auto")  # auto: the GPU, in bfloat16
     assert result.exit_code == 0, (result.output, result.exception)
     assert len(batches) == 3  # 18 images in batches of 8
     for batch in batches:
@@ -72,6 +76,7 @@ def test_extract_on_cuda_runs_bf16_autocast_on_pinned_batches_and_matches_cpu(cp
     cpu_paths, cpu_rows, cpu_print = read(cpu)
     gpu_paths, gpu_rows, gpu_print = read(gpu)
     assert gpu_paths == cpu_paths and gpu_print == cpu_print  # the device is not part of the features' identity
+    assert read_features(gpu).precision == "bfloat16"
     scale = np.abs(cpu_rows).max()
     np.testing.assert_allclose(gpu_rows, cpu_rows, rtol=0, atol=0.05 * scale)  # bf16: 8 bits of mantissa
     cosine = (gpu_rows * cpu_rows).sum(1) / np.linalg.norm(gpu_rows, axis=1) / np.linalg.norm(cpu_rows, axis=1)

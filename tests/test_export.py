@@ -107,7 +107,9 @@ def case(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     data = make_image_folder(root / "data")
     features, head_path = root / "features.h5", root / "head.pt"
-    ok("extract", data, "--out", features, "--workers", "0", "--batch-size", "16", *CASES[request.param])
+    # float32: the exported graph is float32, and predict runs at the precision the features were made at
+    ok("extract", data, "--out", features, "--workers", "0", "--batch-size", "16", "--precision", "float32",
+       *CASES[request.param])
     ok("train-head", features, "--out", head_path)
     images = sorted(data.rglob("*.png"))[::3][:7]  # from every class
     exported = {fmt: root / f"model-{fmt}" for fmt in FORMATS}
@@ -165,7 +167,7 @@ def test_the_readme_example_gives_predicts_probabilities(tmp_path):
     """The README's snippet (onnxruntime + PIL only) preprocesses as pipe does, JPEG draft decoding included."""
     root = tmp_path
     data = make_image_folder(root / "data", per_class=4)
-    ok("extract", data, "--out", root / "f.h5", "--workers", "0", *CASES["resnet18"])
+    ok("extract", data, "--out", root / "f.h5", "--workers", "0", "--precision", "float32", *CASES["resnet18"])
     ok("train-head", root / "f.h5", "--out", root / "head.pt")
     ok("export", "--head", root / "head.pt", "--format", "onnx")  # default --out: beside the head
     assert (root / "head.onnx").is_file()

@@ -13,7 +13,7 @@ from torch import nn
 from pipeline.backbones import resolve_backbone
 from pipeline.backbones import folding
 from pipeline.backbones.folding import fold_batchnorm
-from pipeline.extract import FeatureExtractor
+from pipeline.forward import FeatureExtractor
 
 from conftest import FAST_EXTRACT
 
@@ -43,7 +43,7 @@ def test_extraction_folds_a_resnet_and_keeps_its_features():
     pixels = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         expected = backbone.module(spec.transform.normalize(pixels)).numpy()
-    run = FeatureExtractor(backbone, torch.device("cpu"))
+    run = FeatureExtractor(backbone, torch.device("cpu"), precision="float32")
     assert run.folded == 20 and count(run.module, nn.BatchNorm2d) == 0
     np.testing.assert_allclose(run(pixels), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
@@ -88,7 +88,7 @@ def test_folding_is_undone_when_the_convolution_output_is_used_elsewhere():
 def test_backbones_without_conv_batchnorm_pairs_are_left_alone(model):
     backbone = resolve_backbone(model, "none", image_size=32 if model == "vit_b_16" else 64).build()
     before = {k: v.clone() for k, v in backbone.module.state_dict().items()}
-    run = FeatureExtractor(backbone, torch.device("cpu"))
+    run = FeatureExtractor(backbone, torch.device("cpu"), precision="float32")
     assert run.folded == 0
     after = run.module.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -1,6 +1,7 @@
 """Files written by earlier versions of pipe still load and give the same results."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from pipeline.predict import predict_images
 from pipeline.store import read_features
 
 FIXTURES = Path(__file__).parent / "fixtures"
+OLD_SETTINGS = ("--model", "resnet18", "--weights", "none", "--image-size", "32", "--workers", "0", "--batch-size", "8")
 
 
 def test_head_file_written_before_the_heads_package_still_loads_and_predicts_the_same():
@@ -51,15 +53,40 @@ def test_feature_and_head_files_written_before_the_packages_give_the_same_result
         assert got.keys() == expected["predict"][path].keys(), path
         np.testing.assert_allclose([got[c] for c in got], [expected["predict"][path][c] for c in got], atol=1e-5)
 
-    # today's extraction of the same images recognises the old file as its own: same fingerprint,
-    # same features, nothing to redo
+    # today's float32 extraction of the same images recognises the old file as its own: same
+    # fingerprint, same features, nothing to redo
     data = tmp_path / "images"
     shutil.copytree(run / "images", data)
     out = tmp_path / "features.h5"
-    result = run_cli("extract", data, "--out", out, "--model", "resnet18", "--weights", "none",
-                     "--image-size", "32", "--workers", "0", "--batch-size", "8")
+    result = run_cli("extract", data, "--out", out, *OLD_SETTINGS, "--precision", "float32")
     assert result.exit_code == 0, result.output
     again = read_features(out)
-    assert again.fingerprint == features.fingerprint
+    assert again.fingerprint == features.fingerprint and again.precision == "float32"
     assert again.paths.tolist() == features.paths.tolist() and again.split.tolist() == features.split.tolist()
     np.testing.assert_allclose(again.features, features.features, atol=2e-3, rtol=1e-2)
+
+
+def test_a_feature_file_without_precision_is_float32_and_resumes_at_float32(tmp_path, run_cli):
+    run = FIXTURES / "run-v1"
+    data, out = tmp_path / "images", tmp_path / "features.h5"
+    shutil.copytree(run / "images", data)
+    shutil.copy(run / "features.h5", out)
+    old = read_features(out)
+    assert "precision" not in old.attrs and old.precision == "float32"
+    for path, mtime_ns in zip(old.paths, old.mtime_ns.tolist()):  # the images as they were when extracted
+        os.utime(data / path, ns=(mtime_ns, mtime_ns))
+    new_image = data / "train" / "red" / "new.png"
+    shutil.copy(next((data / "train" / "red").iterdir()), new_image)
+
+    result = run_cli("extract", data, "--out", out, *OLD_SETTINGS)  # --precision auto: the file's own
+    assert result.exit_code == 0, result.output
+    assert "1 extracted, 18 reused" in result.stdout
+    extended = read_features(out)
+    assert extended.fingerprint == old.fingerprint and extended.precision == "float32"
+    assert extended.attrs["precision"] == "float32"  # recorded from now on
+
+    # rows of another precision do not join it: a clear error, the file untouched
+    result = run_cli("extract", data, "--out", out, *OLD_SETTINGS, "--precision", "bfloat16")
+    assert result.exit_code == 2
+    assert "precision: default in the file, bfloat16 now" in result.stderr
+    assert read_features(out).attrs == extended.attrs

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import FAST_EXTRACT, assert_clean_error, error_lines, make_image_folder
 from pipeline.backbones.spec import BackboneSpec
-from pipeline.extract import FeatureExtractor
+from pipeline.forward import FeatureExtractor
 from pipeline.manifest import read_manifest
 from pipeline.store import read_features
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import h5py
 import pytest
 import torch
 from PIL import Image
@@ -189,14 +190,16 @@ def test_answers_equal_pipe_predict_json_and_concurrent_requests_share_batches(s
 
 
 def test_topk_and_info(server, trained):
-    _, data, head = trained
+    folder, data, head = trained
     red = next(data.glob("red/*.png"))
     answer = httpx.post(server.url + "/predict", content=png_bytes(red), params={"topk": 1}).json()
     assert [t["class"] for t in answer["predictions"][0]["top"]] == ["red"]
     assert httpx.post(server.url + "/predict", content=png_bytes(red), params={"topk": "0"}).status_code == 400
     info = httpx.get(server.url + "/info").json()
     assert info["classes"] == ["blue", "green", "red"] and info["head_kind"] == "linear"
-    assert (info["model"], info["weights"], info["precision"]) == ("resnet18", "none", "float32")
+    with h5py.File(folder / "features.h5", "r") as f:  # served at the precision the head's features were made at
+        made_at = f.attrs["precision"]
+    assert (info["model"], info["weights"], info["precision"]) == ("resnet18", "none", made_at)
     assert info["fingerprint"] == torch.load(head, weights_only=True)["fingerprint"]
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
 

@@ -235,11 +235,12 @@ def test_extract_cli_passes_layer_pool_tta(image_folder, run_cli, tmp_path):
     data = image_folder(per_class=2)
     out = tmp_path / "f.h5"
     result = run_cli("extract", data, "--model", "resnet18", "--weights", "none", "--image-size", 32, "--workers", 0,
-                     "--layer", "layer3", "--pool", "max", "--tta", "hflip", "--out", out)
+                     "--layer", "layer3", "--pool", "max", "--tta", "hflip", "--precision", "bfloat16", "--out", out)
     assert result.exit_code == 0, result.output
     with h5py.File(out, "r") as f:
         assert f["features"].shape[1] == 256
-        expected = resolve_backbone("resnet18", "none", 32, layer="layer3", pool="max", tta="hflip").fingerprint
+        expected = resolve_backbone("resnet18", "none", 32, layer="layer3", pool="max", tta="hflip",
+                                    precision="bfloat16").fingerprint
         assert f.attrs["fingerprint"] == expected
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 
 from ..errors import PipeError
+from ..forward import MODEL_PRECISIONS
 from . import packaged, timm, torchvision
 from .pooling import POOLS, TTAS
 from .spec import BackboneSpec, Family
@@ -38,7 +39,7 @@ def family_of(name: str) -> Family:
 
 def resolve_backbone(name: str, weights: str = "DEFAULT", image_size: int | None = None,
                      dtype: str = "float16", layer: str | None = None, pool: str | None = None,
-                     tta: str | None = None, full_decode: bool = False) -> BackboneSpec:
+                     tta: str | None = None, full_decode: bool = False, precision: str = "float32") -> BackboneSpec:
     """Check ``name`` and ``weights`` (DEFAULT, an enum name, ``none`` or a state_dict path)
     and describe the backbone without loading it. ``image_size`` overrides the crop size of
     the eval transform; ``dtype`` is the storage dtype, part of the fingerprint.
@@ -47,7 +48,8 @@ def resolve_backbone(name: str, weights: str = "DEFAULT", image_size: int | None
     feature module, by name or index), globally pooled; ``pool`` picks the pooling
     (avg/max for feature maps, cls/mean-tokens for transformers); ``tta='hflip'`` averages an
     image's features with its mirror's; ``full_decode`` turns off reduced-scale JPEG decoding
-    (see :func:`pipeline.data.open_rgb`). These are validated on a weightless (meta) copy of
+    (see :func:`pipeline.data.open_rgb`); ``precision`` is the model's arithmetic, float32 or
+    bfloat16 (:mod:`pipeline.forward` resolves ``auto``). These are validated on a weightless (meta) copy of
     the network, and a pool equal to the default is dropped so it does not change the fingerprint.
     """
     family = family_of(name)
@@ -62,7 +64,9 @@ def resolve_backbone(name: str, weights: str = "DEFAULT", image_size: int | None
         raise PipeError(f"unknown --pool {pool!r}; choose one of {', '.join(POOLS)}")
     if tta is not None and tta not in TTAS:
         raise PipeError(f"unknown --tta {tta!r}; choose one of {', '.join(TTAS)}")
-    spec = BackboneSpec(name, family, resolved, transform, dtype, layer or None, pool, tta, full_decode)
+    if precision not in MODEL_PRECISIONS:
+        raise PipeError(f"precision must be float32 or bfloat16 here, got {precision!r}")
+    spec = BackboneSpec(name, family, resolved, transform, dtype, layer or None, pool, tta, full_decode, precision)
     if spec.layer or spec.pool:
         checked = family.feature_module(spec, device="meta")  # validates layer and pool, cheaply
         spec = dataclasses.replace(spec, layer=checked.layer or spec.layer,

@@ -58,7 +58,8 @@ class BackboneSpec:
     features it makes and to decide whether an extraction has anything to do.
 
     ``layer`` (a node/module name), ``pool`` and ``tta`` are None for the network's own pooled
-    pre-logits; they enter :attr:`identity` only when set, so default fingerprints never change.
+    pre-logits; they enter :attr:`identity` only when set, so default fingerprints never change;
+    so does ``precision`` only when it is not float32 (what every earlier file was made at).
     ``family`` builds it: nothing outside the family branches on the name."""
 
     name: str
@@ -70,6 +71,7 @@ class BackboneSpec:
     pool: str | None = None
     tta: str | None = None
     full_decode: bool = False  # JPEGs decoded at full size instead of a reduced DCT scale
+    precision: str = "float32"  # the model's arithmetic (pipeline.forward): float32 or bfloat16
 
     @property
     def identity(self) -> dict:
@@ -82,6 +84,8 @@ class BackboneSpec:
             identity["tta"] = self.tta
         if self.full_decode:
             identity["decode"] = "full"
+        if self.precision != "float32":
+            identity["precision"] = self.precision
         return identity
 
     @property

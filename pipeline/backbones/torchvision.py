@@ -12,7 +12,6 @@ from functools import lru_cache, partial
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from ..data import EvalTransform
@@ -23,14 +22,22 @@ from .spec import CatalogEntry, Family, Features, Weights, is_meta
 from .weights import STANDARD_IMAGENET_EVAL, common_weights, load_state_dict_checked
 
 
+def _models():
+    """``torchvision.models``, imported on first use, so importing the backbones costs only
+    torch: importing torchvision costs about 1.5 s (its detection ops import ``torch._dynamo``)."""
+    import torchvision.models
+
+    return torchvision.models
+
+
 @lru_cache(maxsize=1)
 def torchvision_names() -> tuple[str, ...]:
-    return tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
+    return tuple(sorted(_models().list_models(module=_models())))
 
 
 def module_of(name: str) -> str:
     """The torchvision module defining ``name`` (resnet, vision_transformer, ...)."""
-    return torchvision.models.get_model_builder(name).__module__.rsplit(".", 1)[-1]
+    return _models().get_model_builder(name).__module__.rsplit(".", 1)[-1]
 
 
 def _is_vit(name: str) -> bool:
@@ -40,7 +47,7 @@ def _is_vit(name: str) -> bool:
 def enum_weights(name: str, given: str):
     """The torchvision weights enum member for ``given`` (DEFAULT or an enum name)."""
     try:
-        enum_cls = torchvision.models.get_model_weights(name)
+        enum_cls = _models().get_model_weights(name)
     except ValueError:
         raise PipeError(f"{name} has no published torchvision weights; pass --weights PATH or none") from None
     if given.upper() == "DEFAULT":
@@ -67,14 +74,14 @@ def hub_file(enum) -> Path:
 def classifier_prefix(model: nn.Module) -> str:
     """State-dict prefix of the classifier: the last ``nn.Linear`` in every torchvision
     classification model except SqueezeNet (a 1x1 conv + global pool)."""
-    if isinstance(model, torchvision.models.SqueezeNet):
+    if isinstance(model, _models().SqueezeNet):
         return "classifier."
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1] + "."
 
 
 def strip_head(model: nn.Module) -> tuple[nn.Module, int]:
     """Replace the final classifier with the identity; returns (model, feature dim)."""
-    if isinstance(model, torchvision.models.SqueezeNet):
+    if isinstance(model, _models().SqueezeNet):
         dim = model.classifier[1].in_channels
         model.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         return model, dim
@@ -88,7 +95,7 @@ def strip_head(model: nn.Module) -> tuple[nn.Module, int]:
 
 def _build(name: str, state: dict | None, source: str, **kwargs) -> nn.Module:
     """The architecture, random (``state`` None) or with a state_dict from a file."""
-    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    model = _models().get_model(name, weights=None, **kwargs)
     return model if state is None else load_state_dict_checked(model, state, source, classifier_prefix(model))
 
 
@@ -97,7 +104,7 @@ def _published(name: str, enum, **kwargs) -> nn.Module:
     change the network for pretrained weights, e.g. inception_v3's ``transform_input``)."""
     try:  # torch.hub announces downloads on stdout; offline that line would precede our error
         with contextlib.redirect_stdout(io.StringIO()):
-            return torchvision.models.get_model(name, weights=enum, progress=False, **kwargs)
+            return _models().get_model(name, weights=enum, progress=False, **kwargs)
     except OSError as exc:  # URLError is an OSError: offline and not in the hub cache
         file = hub_file(enum)
         raise PipeError(f"weights {enum} for {name} are not available offline; put {file.name} in {file.parent}, "
@@ -177,7 +184,7 @@ class TorchvisionFamily(Family):
             channels_last = "swin_transformer" in type(model).__module__ and not layer.startswith(("permute", "avgpool"))
             module = PooledLayer(body, spec.pool or default or "avg", channels_last)
             return Features(module, _probe(module, spec.transform.crop)[0], default, layer)
-        vit = isinstance(model, torchvision.models.VisionTransformer)
+        vit = isinstance(model, _models().VisionTransformer)
         if vit:
             check_pool(spec.pool, TOKEN_POOLS, f"{spec.name} (a transformer's tokens)")
             if spec.pool == "mean-tokens":
@@ -202,7 +209,7 @@ class TorchvisionFamily(Family):
             if not wanted(name, family):
                 continue
             try:
-                enum = torchvision.models.get_model_weights(name).DEFAULT
+                enum = _models().get_model_weights(name).DEFAULT
             except ValueError:
                 yield CatalogEntry(name, family, None, 224, None)
                 continue

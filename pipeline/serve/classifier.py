@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from ..data import decode_for, decode_pixels
-from ..extract import FeatureExtractor
+from ..forward import FeatureExtractor
 from ..heads import Head
-from ..predict import classify
+from ..predict import head_probabilities, predict_precision
 
 
 class BadImage(Exception):
@@ -63,7 +63,7 @@ class Classifier:
         """Build ``spec`` (from :func:`pipeline.predict.spec_for_head`) on ``device`` and warm it
         up: each batch shape twice (the second run still allocates on the CPU), so that neither
         the first requests' time nor the memory after start-up grows with what comes later."""
-        run = FeatureExtractor(spec.build(), device)
+        run = FeatureExtractor(spec.build(), device, precision=predict_precision("auto", spec, device))
         # uploads are decoded on the CPU: on a GPU too, full-size decoding gives the same pixels
         classifier = cls(head, run, decode_for(spec.full_decode, torch.device("cpu")), max_batch)
         crop = spec.transform.crop
@@ -87,12 +87,11 @@ class Classifier:
         n = len(pixels)
         shape = next(size for size in batch_shapes(self.max_batch) if size >= n)
         padded = torch.cat([pixels, pixels.new_zeros((shape - n, *pixels.shape[1:]))]) if shape > n else pixels
-        return classify(self.head, self.run, padded)[:n]
+        return head_probabilities(self.head, self.run(padded), self.run.backbone.spec.dtype)[:n]
 
     def info(self) -> dict:
         """What ``GET /info`` reports about the model."""
-        source, autocast = self.head.source, self.run.autocast
-        precision = str(autocast.fast_dtype).removeprefix("torch.") if isinstance(autocast, torch.autocast) else "float32"
+        source, precision = self.head.source, self.run.precision
         return {"classes": list(self.head.classes), "model": source["model"], "weights": source["weights"],
                 "fingerprint": self.head.fingerprint, "precision": precision, "head_kind": self.head.kind,
                 "image_size": self.run.backbone.spec.transform.crop, "device": str(self.run.device)}

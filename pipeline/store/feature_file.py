@@ -22,6 +22,7 @@ from .files import atomic_h5, lock_output, writable_bytes
 SCHEMA_VERSION = 1
 MULTILABEL = "multilabel"  # the ``task`` attribute of a file with ``targets``
 FEATURE_DTYPES = ("float16", "float32")
+LEGACY_PRECISION = "float32"  # the model precision of files written before pipe recorded it
 _STR = h5py.string_dtype("utf-8")
 _MERGE_ROWS = 8192  # rows copied per step when merging: bounds memory on huge caches
 
@@ -76,6 +77,11 @@ class FeatureSet(FileRows):
     @property
     def fingerprint(self) -> str:
         return self.attrs["fingerprint"]
+
+    @property
+    def precision(self) -> str:
+        """The precision the backbone ran at (:mod:`pipeline.forward`)."""
+        return self.attrs.get("precision", LEGACY_PRECISION)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -256,6 +262,11 @@ def is_up_to_date(out, request: dict, rows: Rows, labels: np.ndarray, split: np.
         return False
     new = FileRows(rows.paths, rows.size, rows.mtime_ns, labels, split, classes, [], [], targets=targets)
     return old.attrs.get("request") == request and old.same_as(new)
+
+
+def stored_precision(out) -> str | None:
+    """The precision the feature file ``out`` was made at; None when there is no file yet."""
+    return read_features(out, with_features=False, checked=False).precision if Path(out).exists() else None
 
 
 def write_feature_file(target: Path, new: FileRows, sources: list[tuple[Path, int]], attrs: dict,

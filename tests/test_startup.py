@@ -1,0 +1,57 @@
+"""Commands import only what they use: those that run no model never load torchvision, timm or
+``torch._dynamo`` (together about 1.5 s of start-up on the 2-core reference machine), and an
+extraction with nothing to do never loads torch. Each command runs in a fresh process, as typed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FAST_EXTRACT
+
+HEAVY = ("torch", "torchvision", "timm", "torch._dynamo")
+
+# `pipe ARGS` in this process, then the heavy modules it loaded, as JSON on the last line of stderr
+RUN = r"""
+import atexit, json, runpy, sys
+atexit.register(lambda: print(json.dumps(sorted(set(sys.argv[1].split(",")) & set(sys.modules))), file=sys.stderr))
+heavy, *args = sys.argv[1:]
+sys.argv = ["pipe", "-q", *args]
+runpy.run_module("pipeline", run_name="__main__")
+"""
+
+
+def loaded(*args) -> list[str]:
+    done = subprocess.run([sys.executable, "-c", RUN, ",".join(HEAVY), *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stderr.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from conftest import invoke, make_image_folder
+
+    root = tmp_path_factory.mktemp("startup")
+    data = make_image_folder(root / "data", per_class=4)
+    assert invoke("extract", data, "--out", root / "f.h5", *FAST_EXTRACT).exit_code == 0
+    assert invoke("train-head", root / "f.h5", "--out", root / "head.pt", "--grid", "0.1").exit_code == 0
+    return data, root
+
+
+def test_commands_that_run_no_model_load_no_model_library(trained):
+    _, root = trained
+    features, head = root / "f.h5", root / "head.pt"
+    for args in (("info", features),
+                 ("evaluate", "--features", features, "--head", head, "--json", root / "m.json"),
+                 ("report", "--features", features, "--head", head, "--out", root / "r.html"),
+                 ("train-head", features, "--out", root / "again.pt", "--grid", "0.1")):
+        assert not {"torchvision", "timm", "torch._dynamo"} & set(loaded(*args)), args
+
+
+def test_an_extraction_with_nothing_to_do_does_not_load_torch(trained):
+    data, root = trained
+    assert loaded("extract", data, "--out", root / "f.h5", *FAST_EXTRACT) == []
