@@ -9,8 +9,8 @@ import click
 
 from . import __version__, defaults
 from .allocator import keep_large_buffers
-from .cli_options import (MAX_LR, MAX_TRIALS, MAX_WORKERS, POSITIVE, SEED, FiniteFloat, FloatList, IntList, NameList,
-                          PipeGroup, Shard, backbone_options, config_option, device_option, ensure_parent,
+from .cli_options import (MAX_LR, MAX_TRIALS, MAX_WORKERS, POSITIVE, SEED, ByteSize, FiniteFloat, FloatList, IntList,
+                          NameList, PipeGroup, Shard, backbone_options, config_option, device_option, ensure_parent,
                           global_flags)
 from .cpu_sharing import let_threads_sleep
 
@@ -130,6 +130,9 @@ def merge(shards, out, overwrite):
               help="Linear head: train on mini-batches streamed from the file (features larger than memory).")
 @click.option("--max-epochs", default=None, type=POSITIVE,
               help=f"Mini-batch path: most epochs (early stopping on val) [{defaults.MAX_EPOCHS}].")
+@click.option("--memory-budget", default=None, type=ByteSize(),
+              help="Memory the train and val rows may fill (512M, 4G); above it the solver reads them from the "
+                   "file on every pass [default: half the available memory].")
 @config_option
 def train_head(features, out, kind, **params):
     """Train a head on cached FEATURES, choosing its L2 strength (or k) on validation data
