@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from pipeline.rows import read_rows, row_chunks
+from pipeline.rows import CHUNK_ROWS, read_rows, row_chunks
 from pipeline.heads.lbfgs import batched_lbfgs
 
 SPECTRUM_ROWS = 4096
@@ -56,20 +56,21 @@ def threads_for(n_values, device):
 class ChunkedRows:
     """Feature rows as the solvers read them: ``CHUNK_ROWS`` at a time, as float32 on ``device``.
 
-    ``matrices`` are read one after the other as one (N, D) matrix. A tensor or ndarray stays
+    ``matrices`` are read one after the other as one (N, D) matrix, ``chunk_rows`` rows at a
+    time (a chunk never straddles two matrices). A tensor or ndarray stays
     at its own precision (float16 features take half the memory of float32) and is made a
     tensor on ``device`` once: a view of the ndarray on the CPU, one copy in a GPU's memory.
     Anything else (a :class:`~pipeline.heads.features.RowSubset` of an HDF5 file) is read
     chunk by chunk on every pass, so only a chunk of it is ever in memory. Each chunk is
-    converted to float32 as it is used.
+    converted to ``dtype`` (float32) as it is used.
 
     ``mean`` and ``std`` (D,), when given, are the standardisation the models are expressed in:
     :func:`multinomial_loss_and_grad` folds them into the weights rather than standardising
     a copy of the rows, and indexing (``rows[index]``, sorted indices) returns standardised rows.
     """
 
-    def __init__(self, matrices, device, mean=None, std=None):
-        self.device = torch.device(device)
+    def __init__(self, matrices, device, mean=None, std=None, chunk_rows=CHUNK_ROWS, dtype=torch.float32):
+        self.device, self.chunk_rows, self.dtype = torch.device(device), chunk_rows, dtype
         self.sources = [torch.from_numpy(np.ascontiguousarray(m)).to(self.device) if isinstance(m, np.ndarray)
                         else m.to(self.device) if isinstance(m, torch.Tensor) else m for m in matrices]
         self.offsets = np.cumsum([0] + [m.shape[0] for m in self.sources])
@@ -81,19 +82,19 @@ class ChunkedRows:
     @classmethod
     def of(cls, X):
         """``X`` as chunked rows: itself when it already is, else one tensor's rows as they are."""
-        return X if isinstance(X, ChunkedRows) else cls([X], X.device)
+        return X if isinstance(X, ChunkedRows) else cls([X], X.device, dtype=X.dtype)
 
     def _float(self, rows):
-        """Rows read from a source, as float32 on the device."""
+        """Rows read from a source, as ``dtype`` (float32) on the device."""
         if not isinstance(rows, torch.Tensor):
             rows = torch.from_numpy(np.asarray(rows))
-        return rows.to(self.device, torch.float32)
+        return rows.to(self.device, self.dtype)
 
     def chunks(self):
         """``(start, stop, x)`` over every row: ``x`` the rows start..stop as float32, not
         standardised. Chunks never straddle two matrices."""
         for offset, source in zip(self.offsets, self.sources):
-            for start, stop in row_chunks(source.shape[0]):
+            for start, stop in row_chunks(source.shape[0], self.chunk_rows):
                 yield offset + start, offset + stop, self._float(source[start:stop])
 
     def __getitem__(self, index):
@@ -141,7 +142,7 @@ def multinomial_loss_and_grad(X, y, sample_weight, params, strengths):
         log_p = torch.log_softmax((x @ raw_weights).view(-1, n_models, n_classes) + raw_bias, dim=2)
         loss -= (w * log_p.gather(2, index).squeeze(2)).sum(0, dtype=torch.float64)
         residual = log_p.exp_()  # softmax - one_hot, weighted: d loss / d logits
-        residual.scatter_add_(2, index, torch.full(index.shape, -1.0, device=X.device))
+        residual.scatter_add_(2, index, torch.full(index.shape, -1.0, dtype=residual.dtype, device=X.device))
         residual.mul_(w[:, :, None])
         grad_stacked.addmm_(x.T, residual.view(-1, n_models * n_classes))
         grad_bias += residual.sum(0)

@@ -109,13 +109,12 @@ def sample_rows(rows, limit, seed, labels=None):
     return np.sort(np.concatenate(picked))
 
 
-def find_label_issues(features: FeatureSet, strength: float, seed: int = 0,
-                      limit: int = MAX_LABEL_ISSUE_ROWS) -> LabelIssues:
+def find_label_issues(features: FeatureSet, strength: float, seed: int = 0, limit: int | None = None) -> LabelIssues:
     """Label issues among the train and val images of ``features`` (only their rows are read),
     from out-of-fold probabilities of linear heads with L2 ``strength`` (the report's head's);
-    above ``limit`` images, among a seeded stratified sample of ``limit``."""
+    above ``limit`` images (default ``MAX_LABEL_ISSUE_ROWS``), among a seeded stratified sample."""
     every = np.flatnonzero(np.isin(features.split, ("train", "val")))
-    pool = sample_rows(every, limit, seed, features.labels[every])
+    pool = sample_rows(every, MAX_LABEL_ISSUE_ROWS if limit is None else limit, seed, features.labels[every])
     y = features.labels[pool]
     counts = np.bincount(y)
     present = counts[counts > 0]
@@ -219,14 +218,15 @@ def identical_files(features: FeatureSet, root) -> tuple[list[DuplicatePair], in
 
 
 def find_duplicates(features: FeatureSet, root, threshold: float = DUPLICATE_COSINE, seed: int = 0,
-                    limit: int = MAX_DUPLICATE_QUERIES) -> Duplicates:
+                    limit: int | None = None) -> Duplicates:
     """Images of val or test that also appear in an earlier split: as identical files (under
-    ``root``, the data root) and as features with cosine >= ``threshold`` (every val/test
-    image up to ``limit`` of them, else a seeded sample of ``limit``)."""
-    identical, unreadable = identical_files(features, root)
+    ``root``, the data root; None: files are not compared) and as features with cosine >=
+    ``threshold`` (every val/test image up to ``limit`` of them, default ``MAX_DUPLICATE_QUERIES``,
+    else a seeded sample of that many)."""
+    identical, unreadable = identical_files(features, root) if root else ([], 0)
     same_file = {p.row for p in identical}
     later = np.flatnonzero(np.isin(features.split, SPLITS[1:]))
-    queries = sample_rows(later, limit, seed)
+    queries = sample_rows(later, MAX_DUPLICATE_QUERIES if limit is None else limit, seed)
     rows, matches, cosines = nearest_earlier(features, queries)
     keep = [i for i in np.argsort(-cosines, kind="stable") if cosines[i] >= threshold and rows[i] not in same_file]
     near = [DuplicatePair(int(rows[i]), int(matches[i]), float(cosines[i])) for i in keep]

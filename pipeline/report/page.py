@@ -150,7 +150,7 @@ def gather(features_path, head_path, split: str = "test", seed: int = 0) -> Repo
     return ReportData(features=features, head=head, split=split, rows=rows, y=y, proba=proba, metrics=metrics,
                       points=points, point_rows=shown, embedding=method,
                       label_issues=find_label_issues(features, strength, seed),
-                      duplicates=find_duplicates(features, root, seed=seed) if root else Duplicates(),
+                      duplicates=find_duplicates(features, root, seed=seed),
                       thumbnails=Thumbnails(root))
 
 
