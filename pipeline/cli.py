@@ -138,6 +138,7 @@ def train_head(features, out, kind, **params):
     """Train a head on cached FEATURES, choosing its L2 strength (or k) on validation data
     (multi-label files: one logistic head per class with its own threshold)."""
     from .heads.selection import Selection
+    from .memory import format_size
     from .train import train_head as train
 
     params = {k: v for k, v in params.items() if v is not None and v is not False}  # unset options and flags
@@ -162,6 +163,13 @@ def train_head(features, out, kind, **params):
         chosen = f"{label} {dict(map(tuple, record['grid_scores']))[chosen_value]:.4f}, {selection.describe()}"
     else:
         chosen = selection.describe()
+    if record.get("scored_sample"):
+        click.echo(f"(scored on a seeded sample of {record['scored_sample']:,} images per split: too many references "
+                   "to score them all)")
+    memory = record.get("memory")
+    if memory and not memory["in_memory"] and kind != "knn" and "batch_size" not in params:
+        click.echo(f"train + val rows ({format_size(memory['rows_bytes'])}) above the memory budget "
+                   f"({format_size(memory['budget'])}): read from the file on every pass")
     what = f"{kind} multi-label" if head.kind == "multilabel" else kind
     click.echo(f"{what} head: {name} {shown(chosen_value)} ({chosen}), trained in {record['seconds']:.2f} s -> {out}")
     for warning in record["warnings"]:
