@@ -52,13 +52,14 @@ def pipe(src: Path, *args) -> list[str]:
 
 
 def measured(argv, log: Path) -> dict:
-    """Run ``argv``; its wall time, peak RSS (GB, from wait4) and exit status. Output -> ``log``."""
+    """Run ``argv``; its wall time, peak RSS (GB = 1e9 bytes, as the file size; from wait4) and exit
+    status. Output -> ``log``."""
     started = time.perf_counter()
     with open(log, "w") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONHASHSEED": "0"})
         _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
-    return {"seconds": round(time.perf_counter() - started, 1), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
+    return {"seconds": round(time.perf_counter() - started, 1), "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 2),
             "rc": process.returncode}
 
 

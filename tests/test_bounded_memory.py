@@ -154,3 +154,16 @@ def test_the_report_checks_a_seeded_sample_of_a_large_file_and_says_so(big_file,
     page = out.read_text()
     assert f"seeded sample of {issues.n_checked:,} of the 2,700 train and val images" in page
     assert "a seeded sample of 100 of the 600 val and test images" in page
+
+
+def test_knn_scores_a_seeded_sample_of_val_when_the_references_are_too_many(monkeypatch):
+    from pipeline.heads import KNNClassifier, knn
+
+    X16, y = float16_problem(n=4000)
+    every = KNNClassifier(k=[1, 5]).fit(X16[:1500], y[:1500], X16[1500:], y[1500:])
+    assert every.scored_sample_ is None and every.references_.dtype == np.float16
+    monkeypatch.setattr(knn, "MAX_SIMILARITIES", 1)  # every split above it: MIN_SCORED images scored
+    sampled = KNNClassifier(k=[1, 5]).fit(X16[:1500], y[:1500], X16[1500:], y[1500:])
+    assert sampled.scored_sample_ == knn.MIN_SCORED == sampled.training_record()["scored_sample"]
+    np.testing.assert_array_equal(sampled.references_, every.references_)  # the head is the same; only k's scores differ
+    assert abs(dict(sampled.grid_scores_)[5] - dict(every.grid_scores_)[5]) < 0.05
