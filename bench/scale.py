@@ -22,7 +22,8 @@ another version, e.g. ``git archive main | tar -x -C DIR``) first, for ratios me
 side; never on a file whose rows do not fit in memory several times over (the old code held
 about 7.7x the file).
 
-    python bench/scale.py [--rows 1000000] [--work /tmp/scale] [--old DIR] [--knn] [--json out.json]
+    python bench/scale.py [--rows 1000000] [--work /tmp/pipe-scale] [--old DIR] [--only train-head,evaluate] [--knn]
+                          [--json out.json]
 """
 
 from __future__ import annotations
@@ -52,15 +53,16 @@ def pipe(src: Path, *args) -> list[str]:
 
 
 def measured(argv, log: Path) -> dict:
-    """Run ``argv``; its wall time, peak RSS (GB = 1e9 bytes, as the file size; from wait4) and exit
-    status. Output -> ``log``."""
+    """Run ``argv``; its wall time, CPU time (user + system: less disturbed than wall time when
+    other programs share the cores), peak RSS (GB = 1e9 bytes, as the file size) and exit
+    status, from wait4. Output -> ``log``."""
     started = time.perf_counter()
     with open(log, "w") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONHASHSEED": "0"})
         _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
-    return {"seconds": round(time.perf_counter() - started, 1), "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 2),
-            "rc": process.returncode}
+    return {"seconds": round(time.perf_counter() - started, 1), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
+            "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 2), "rc": process.returncode}
 
 
 def base_extraction(work: Path) -> Path:
@@ -122,31 +124,41 @@ def accuracy(metrics: Path) -> float | None:
     return json.loads(metrics.read_text())["accuracy"] if metrics.exists() else None
 
 
-def run_commands(src: Path, features: Path, work: Path, tag: str, knn: bool, budget: int | None) -> dict:
-    """Every command on ``features`` with the pipe of ``src``; results by command name."""
+def run_commands(src: Path, features: Path, work: Path, tag: str, knn: bool, budget: int | None,
+                 only=None) -> dict:
+    """The commands on ``features`` with the pipe of ``src`` (those named in ``only``, default
+    all: train-head, evaluate, info, report, budget, knn); results by command name."""
     out = work / tag
     out.mkdir(exist_ok=True)
     head, metrics = out / "head.pt", out / "metrics.json"
+    wanted = set(only or ("train-head", "evaluate", "info", "report", "budget") + (("knn",) if knn else ()))
+    if budget is None:
+        wanted.discard("budget")
     results = {}
 
     def step(name, *args):
-        results[name] = measured(pipe(src, *args), out / f"{name}.log")
-        print(f"{tag:<4} {name:<22} {results[name]['seconds']:>8.1f} s {results[name]['peak_rss_gb']:>7.2f} GB"
-              f"  rc {results[name]['rc']}", flush=True)
+        results[name] = r = measured(pipe(src, *args), out / f"{name}.log")
+        print(f"{tag:<4} {name:<22} {r['seconds']:>8.1f} s wall {r['cpu_seconds']:>8.1f} s CPU {r['peak_rss_gb']:>7.2f} GB"
+              f"  rc {r['rc']}", flush=True)
 
-    step("train-head", "train-head", features, "--out", head, "-q")
-    step("evaluate", "evaluate", "--features", features, "--head", head, "--json", metrics)
-    results["train-head"]["test_accuracy"] = accuracy(metrics)
-    step("info", "info", features)
-    step("report", "report", "--features", features, "--head", head, "--out", out / "report.html")
-    if budget is not None:
+    if "train-head" in wanted:
+        step("train-head", "train-head", features, "--out", head, "-q")
+    if "evaluate" in wanted:
+        step("evaluate", "evaluate", "--features", features, "--head", head, "--json", metrics)
+        if "train-head" in results:
+            results["train-head"]["test_accuracy"] = accuracy(metrics)
+    if "info" in wanted:
+        step("info", "info", features)
+    if "report" in wanted:
+        step("report", "report", "--features", features, "--head", head, "--out", out / "report.html")
+    if "budget" in wanted:
         budget_head, budget_metrics = out / "head-budget.pt", out / "metrics-budget.json"
         step("train-head (budget)", "train-head", features, "--out", budget_head, "--memory-budget", budget, "-q")
         measured(pipe(src, "evaluate", "--features", features, "--head", budget_head, "--json", budget_metrics),
                  out / "evaluate-budget.log")
         results["train-head (budget)"]["test_accuracy"] = accuracy(budget_metrics)
         results["train-head (budget)"]["memory_budget"] = budget
-    if knn:
+    if "knn" in wanted:
         step("train-head --head knn", "train-head", features, "--head", "knn", "--out", out / "knn.pt", "-q")
     return results
 
@@ -157,6 +169,7 @@ def main():
     parser.add_argument("--work", type=Path, default=Path("/tmp/pipe-scale"))
     parser.add_argument("--old", type=Path, default=None, help="a checkout of another pipe to run first")
     parser.add_argument("--knn", action="store_true")
+    parser.add_argument("--only", default=None, help="comma-separated: train-head,evaluate,info,report,budget,knn")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the synthetic file")
     args = parser.parse_args()
@@ -167,18 +180,21 @@ def main():
     size = features.stat().st_size
     print(f"{features}: {args.rows:,} rows, {size / 1e9:.2f} GB ({time.perf_counter() - started:.0f} s to make)")
     record = {"rows": args.rows, "file_bytes": size, "cpu_count": os.cpu_count(), "results": {}}
+    only = args.only.split(",") if args.only else None
     if args.old:
-        record["results"]["old"] = run_commands(args.old, features, args.work, "old", args.knn, None)
-    record["results"]["new"] = run_commands(ROOT, features, args.work, "new", args.knn, size // 4)
+        record["results"]["old"] = run_commands(args.old, features, args.work, "old", args.knn, None, only)
+    record["results"]["new"] = run_commands(ROOT, features, args.work, "new", args.knn, size // 4, only)
     new = record["results"]["new"]
-    print(f"test accuracy: in memory {new['train-head']['test_accuracy']}, budget {size // 4 / 1e9:.2f} GB "
-          f"{new['train-head (budget)']['test_accuracy']}"
-          + (f", old {record['results']['old']['train-head']['test_accuracy']}" if args.old else ""))
+    for name, result in new.items():
+        if "test_accuracy" in result:
+            print(f"{name}: test accuracy {result['test_accuracy']}")
     if args.old:
         old = record["results"]["old"]
-        for name in old:
-            print(f"{name:<22} new/old wall {new[name]['seconds'] / max(old[name]['seconds'], 1e-9):.2f}, "
-                  f"peak RSS {new[name]['peak_rss_gb'] / max(old[name]['peak_rss_gb'], 1e-9):.2f}")
+        for name in set(old) & set(new):
+            print(f"{name:<22} new/old wall {new[name]['seconds'] / max(old[name]['seconds'], 1e-9):.2f}, CPU "
+                  f"{new[name]['cpu_seconds'] / max(old[name]['cpu_seconds'], 1e-9):.2f}, peak RSS "
+                  f"{new[name]['peak_rss_gb'] / max(old[name]['peak_rss_gb'], 1e-9):.2f}; test accuracy "
+                  f"{old[name].get('test_accuracy')} -> {new[name].get('test_accuracy')}")
     if args.json:
         args.json.write_text(json.dumps(record, indent=2))
     if not args.keep:
