@@ -9,9 +9,10 @@ import re
 from .errors import PipeError
 
 # The default budget is this fraction of the available memory (MemAvailable). What train-head
-# holds beyond the rows themselves (Python, torch, the file's paths and labels, one chunk in
-# float32 and its logits) was 0.5-0.8 GB on the 1 M-row file (bench/scale.py), and other
-# programs and the page cache, which serves the rows read back from the file, need the rest.
+# holds beyond the rows themselves (Python, torch, the file's paths and labels, chunks in float32
+# and the heap glibc keeps: pipeline.allocator) was 1.1 GB on the 1 M-row file (bench/scale.py:
+# peak 3.63 GB with 2.53 GB of rows), and other programs and the page cache, which serves rows
+# read back from the file, need the rest.
 BUDGET_FRACTION = 0.5
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
