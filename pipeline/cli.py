@@ -9,7 +9,7 @@ import click
 
 from . import __version__, defaults
 from .allocator import keep_large_buffers
-from .cli_options import (DOCS_INDEX, MAX_LR, MAX_TRIALS, MAX_WORKERS, POSITIVE, SEED, FiniteFloat, FloatList, IntList,
+from .cli_options import (DOCS_INDEX, MAX_LR, MAX_TRIALS, MAX_WORKERS, POSITIVE, SEED, ByteSize, FiniteFloat, FloatList, IntList,
                           NameList, PipeGroup, Shard, backbone_options, config_option, device_option, ensure_parent,
                           global_flags, precision_option, show_debug_log)
 from .cpu_sharing import let_threads_sleep
@@ -134,11 +134,15 @@ def merge(shards, out, overwrite):
               help="Linear head: train on mini-batches streamed from the file (features larger than memory).")
 @click.option("--max-epochs", default=None, type=POSITIVE,
               help=f"Mini-batch path: most epochs (early stopping on val) [{defaults.MAX_EPOCHS}].")
+@click.option("--memory-budget", default=None, type=ByteSize(),
+              help="Memory the train and val rows may fill (512M, 4G); above it the solver reads them from the "
+                   "file on every pass [default: half the available memory].")
 @config_option
 def train_head(features, out, kind, **params):
     """Train a head on cached FEATURES, choosing its L2 strength (or k) on validation data
     (multi-label files: one logistic head per class with its own threshold)."""
     from .heads.selection import Selection
+    from .memory import format_size
     from .train import train_head as train
 
     params = {k: v for k, v in params.items() if v is not None and v is not False}  # unset options and flags
@@ -163,6 +167,13 @@ def train_head(features, out, kind, **params):
         chosen = f"{label} {dict(map(tuple, record['grid_scores']))[chosen_value]:.4f}, {selection.describe()}"
     else:
         chosen = selection.describe()
+    if record.get("scored_sample"):
+        click.echo(f"(scored on a seeded sample of {record['scored_sample']:,} images per split: too many references "
+                   "to score them all)")
+    memory = record.get("memory")
+    if memory and not memory["in_memory"] and kind != "knn" and "batch_size" not in params:
+        click.echo(f"train + val rows ({format_size(memory['rows_bytes'])}) above the memory budget "
+                   f"({format_size(memory['budget'])}): read from the file on every pass")
     what = f"{kind} multi-label" if head.kind == "multilabel" else kind
     click.echo(f"{what} head: {name} {shown(chosen_value)} ({chosen}), trained in {record['seconds']:.2f} s -> {out}")
     for warning in record["warnings"]:

@@ -145,6 +145,22 @@ class Shard(click.ParamType):
         return index, count
 
 
+class ByteSize(click.ParamType):
+    """A size in bytes written as 512M, 4G, 1.5G (powers of 1024) or a plain number of bytes."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        from .memory import parse_size
+
+        try:
+            return parse_size(value)
+        except PipeError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 class PipeGroup(click.Group):
     """Turns a :class:`PipeError` or a usage error in a command into one line on stderr and
     exit status 2; ``pipe --debug`` shows the traceback instead. Each command's help ends with

@@ -78,7 +78,7 @@ def compare_features(paths, seed: int = 0, device: str = "auto") -> list[Contend
     best linear test accuracy first."""
     if len(paths) < 2:
         raise PipeError("pipe compare needs at least two feature files")
-    files = [read_features(path) for path in paths]
+    files = [read_features(path, with_features=False) for path in paths]  # each reads the rows it uses
     check_same_images(files)
     return sorted((score_file(f, seed, device) for f in files), key=lambda c: -c.linear_accuracy)
 

@@ -34,14 +34,15 @@ def evaluate(head, features, *, split: str = defaults.SPLIT, ci: bool = False) -
     :func:`pipeline.metrics.multilabel_report`). With ``ci``, also their bootstrap 95%
     intervals (``accuracy_ci95``, ...: :func:`pipeline.metrics.bootstrap_intervals`; single-label
     heads only). The head must match the features (:func:`load_matching_head`)."""
-    if not isinstance(features, FeatureSet) or features.features is None:
-        features = read_features(features if not isinstance(features, FeatureSet) else features.path)
+    if not isinstance(features, FeatureSet):
+        features = read_features(features, with_features=False)  # only the split's rows are read, below
     head = load_matching_head(head, features)
     multilabel = head.kind == "multilabel"
     if multilabel and ci:
         raise PipeError("--ci applies to single-label heads; a multi-label report has no intervals yet")
+    X, _ = features.rows(split)
     rows = features.row_indices(split)
-    proba = head.predict_proba(features.features[rows])
+    proba = head.predict_proba(X)
     if multilabel:
         report = multilabel_report(features.targets[rows], proba, head.thresholds, features.classes)
     else:

@@ -3,13 +3,13 @@ cached feature file."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import numpy as np
 
 from . import defaults
 from .errors import PipeError
 from .heads import Head, MultiLabelClassifier, RowSubset, make_estimator
+from .memory import default_budget
+from .rows import read_rows_chunked
 from .store import FeatureSet, feature_matrix, read_features
 
 
@@ -19,7 +19,7 @@ def feature_source(features) -> dict:
     return {**{k: features.attrs[k] for k in keys}, "feature_file": str(features.path)}
 
 
-def train_head(features, *, head: str = defaults.HEAD_KIND, out=None, **params) -> Head:
+def train_head(features, *, head: str = defaults.HEAD_KIND, out=None, memory_budget=None, **params) -> Head:
     """Train a head on the train split of ``features`` (a :class:`~pipeline.FeatureSet` or the
     path of a feature file), choosing its parameter (L2 strength, k) on ``val`` or splits of
     train + val (:mod:`pipeline.heads.selection`); what ``pipe train-head`` runs.
@@ -28,21 +28,23 @@ def train_head(features, *, head: str = defaults.HEAD_KIND, out=None, **params) 
     baseline) or "knn" (:class:`~pipeline.KNNClassifier`); a multi-label feature file gets a
     :class:`~pipeline.MultiLabelClassifier` head ("linear" or "sklearn" trainer). ``params`` are
     the estimator's (``grid``, ``selection``, ``balanced``, ``seed``, ``device``, ``max_iter``,
-    ``tol``, ``batch_size``, ``max_epochs``; ``k``, ``temperature``), with its defaults. With
-    ``batch_size`` set the linear head trains on mini-batches read from the file as it goes,
-    so the features never need to fit in memory. The head is saved to ``out`` when given.
-    Returns the :class:`~pipeline.Head`; ``head.training`` records how it was trained.
+    ``tol``, ``batch_size``, ``max_epochs``; ``k``, ``temperature``), with its defaults.
+
+    Only the train and val rows are read, at the precision the file stores. The linear heads
+    keep them in memory when they fit ``memory_budget`` (bytes; default
+    :func:`~pipeline.memory.default_budget`), else the full-batch solver reads them from the
+    file, a chunk at a time, on every pass: the same fit, in bounded memory. With
+    ``batch_size`` set the linear head trains on mini-batches read from the file as it goes.
+    The head is saved to ``out`` when given. Returns the :class:`~pipeline.Head`;
+    ``head.training`` records how it was trained (``memory``: the budget, the rows' size and
+    whether they were held in memory).
     """
-    streamed = params.get("batch_size") is not None
     if not isinstance(features, FeatureSet):
-        features = read_features(features, with_features=not streamed)
-    elif features.features is None and not streamed:
-        features = read_features(features.path)
+        features = read_features(features, with_features=False)
     if features.multilabel:
         trained = fit_multilabel_head(features, head, **params)
     else:
-        with feature_matrix(features.path) if streamed else nullcontext(features.features) as matrix:
-            trained = fit_head(features, head, matrix, **params)
+        trained = fit_head(features, head, memory_budget=memory_budget, **params)
     if out is not None:
         trained.save(out)
     return trained
@@ -56,25 +58,49 @@ def require_single_label(features: FeatureSet) -> None:
                         "(pipe train-head trains multi-label heads)")
 
 
-def fit_head(features: FeatureSet, kind: str = defaults.HEAD_KIND, matrix=None, **params) -> Head:
+def fit_head(features: FeatureSet, kind: str = defaults.HEAD_KIND, matrix=None, *, memory_budget=None,
+             **params) -> Head:
     """Fit a ``kind`` head on the train split (and val, when it has images) of single-label
     ``features`` without saving it. ``matrix`` is the feature matrix to read rows from
-    (default ``features.features``; an ``h5py.Dataset`` for the streamed linear head)."""
+    (default ``features.features``, or the file's when it was read without them); rows of a
+    matrix that is not in memory are read into it when :func:`holds_rows` says so, else read
+    from it as they are needed."""
     require_single_label(features)
     present = np.unique(features.labels[features.row_indices("train")])
     if len(present) < 2:
         raise PipeError(f"train-head needs at least 2 classes in the train split of {features.path}, "
                         f"found {len(present)} ({', '.join(features.classes[i] for i in present)})")
+    if matrix is None and features.features is None:
+        with feature_matrix(features.path) as dataset:
+            return fit_head(features, kind, dataset, memory_budget=memory_budget, **params)
     matrix = features.features if matrix is None else matrix
+    splits = ["train"] + (["val"] if features.split_counts()["val"] else [])
+    n_bytes = sum(len(features.row_indices(s)) for s in splits) * matrix.shape[1] * np.dtype(matrix.dtype).itemsize
+    budget = default_budget() if memory_budget is None else memory_budget
+    in_memory = isinstance(matrix, np.ndarray) or holds_rows(kind, params, n_bytes, budget)
 
     def split_rows(split):
         rows = features.row_indices(split)
-        return (matrix[rows] if isinstance(matrix, np.ndarray) else RowSubset(matrix, rows)), features.labels[rows]
+        if isinstance(matrix, np.ndarray):
+            return matrix[rows], features.labels[rows]
+        return (read_rows_chunked(matrix, rows) if in_memory else RowSubset(matrix, rows)), features.labels[rows]
 
     X_train, y_train = split_rows("train")
-    X_val, y_val = split_rows("val") if features.split_counts()["val"] else (None, None)
+    X_val, y_val = split_rows("val") if len(splits) > 1 else (None, None)
     estimator = make_estimator(kind, **params).fit(X_train, y_train, X_val, y_val)
-    return estimator.to_head(features.classes, features.fingerprint, feature_source(features))
+    head = estimator.to_head(features.classes, features.fingerprint, feature_source(features))
+    head.training["memory"] = {"budget": budget, "rows_bytes": int(n_bytes), "in_memory": bool(in_memory)}
+    return head
+
+
+def holds_rows(kind: str, params: dict, n_bytes: int, budget: int | None) -> bool:
+    """Whether train-head reads the train and val rows (``n_bytes`` at the file's precision)
+    into memory. The full-batch linear and scikit-learn heads read every row on every pass, so
+    they hold them when they fit ``budget`` (None: no limit); the kNN head and the mini-batch
+    path read each row a few times, straight from the file."""
+    if kind == "knn" or params.get("batch_size") is not None:
+        return False
+    return budget is None or n_bytes <= budget
 
 
 MULTILABEL_OPTIONS = ("grid", "selection", "seed", "device", "max_iter", "tol")

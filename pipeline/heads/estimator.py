@@ -21,7 +21,9 @@ from pipeline.errors import PipeValueError
 from pipeline.heads.features import RowSubset
 from pipeline.heads.selection import STRENGTH
 
-FLOAT_DTYPES = (np.float32, np.float64)  # kept as given; anything else becomes float32
+# kept as given (float16 features, as a feature file stores them, are converted a chunk at a time
+# by the solvers: no float32 copy); anything else becomes float32
+FLOAT_DTYPES = (np.float32, np.float64, np.float16)
 
 
 class HeadEstimator(ClassifierMixin, BaseEstimator):

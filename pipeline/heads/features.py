@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.errors import PipeValueError
+from pipeline.rows import CHUNK_ROWS, read_rows, row_chunks
 
-CHUNK_ROWS = 8192
 # Standardising by each dimension's own std, estimated from a few dozen rows, blows up the
 # dimensions that happened to vary little there (pooled CNN features are sparse). On
 # efficientnet_lite0 features of Fashion-MNIST (10 classes, 10 seeded draws per size), the best
@@ -20,12 +20,6 @@ CHUNK_ROWS = 8192
 # images per class, 0.666 / 0.732 at 5, 0.744 / 0.764 at 10, 0.786 / 0.795 at 20 (README, "Few
 # images per class"). With thousands of rows the shrinkage vanishes.
 VARIANCE_PRIOR_ROWS = 100
-
-
-def row_chunks(n_rows, size=CHUNK_ROWS):
-    """Yield ``(start, stop)`` of consecutive row blocks covering ``n_rows``."""
-    for start in range(0, n_rows, size):
-        yield start, min(start + size, n_rows)
 
 
 def standardize(x, mean, std, out=None):
@@ -46,8 +40,9 @@ def standardize(x, mean, std, out=None):
 class RowSubset:
     """A lazy view of some rows of a 2-D array-like (e.g. the train rows of an HDF5 file).
 
-    Supports ``.shape`` and ``view[a:b]``, which is all the mini-batch path reads; each
-    slice reads only its own rows (``rows`` are sorted, as h5py requires).
+    Supports ``.shape``, ``.dtype`` and ``view[index]`` (a slice or sorted indices of the
+    view's rows), which is all the heads read; each read fetches only its own rows
+    (:func:`read_rows`; ``rows`` are sorted, as h5py requires), at the stored precision.
     """
 
     def __init__(self, data, rows):
@@ -58,8 +53,12 @@ class RowSubset:
     def shape(self):
         return (len(self.rows), self.data.shape[1])
 
+    @property
+    def dtype(self):
+        return np.dtype(self.data.dtype)
+
     def __getitem__(self, index):
-        return np.asarray(self.data[self.rows[index]])
+        return read_rows(self.data, self.rows[index])
 
 
 def standardized_parts(parts, mean, std):
@@ -103,9 +102,15 @@ def feature_stats(parts, prior_rows=VARIANCE_PRIOR_ROWS):
 
 
 def take_rows(X, rows):
-    """Rows ``rows`` (sorted indices) of ``X``: a copy of an ndarray's, a lazy
-    :class:`RowSubset` of anything else (an ``h5py.Dataset``)."""
-    return X[rows] if isinstance(X, np.ndarray) else RowSubset(X, rows)
+    """Rows ``rows`` (sorted, distinct indices) of ``X``: ``X`` itself when that is all of
+    them, a copy of at most ``CHUNK_ROWS`` rows of an ndarray, else a lazy :class:`RowSubset`
+    read a chunk at a time, so that selection splits of a large pool never hold a second copy
+    of its rows."""
+    if len(rows) == X.shape[0]:
+        return X
+    if isinstance(X, np.ndarray) and len(rows) <= CHUNK_ROWS:
+        return X[rows]
+    return RowSubset(X.data, X.rows[rows]) if isinstance(X, RowSubset) else RowSubset(X, rows)
 
 
 def class_weights(y, n_classes, balanced):

@@ -40,16 +40,26 @@ DEFAULT_KS = defaults.KNN_KS
 K = Parameter("k", "k", "--k", DEFAULT_KS[0])
 QUERY_ROWS = 1024  # queries scored at once
 REFERENCE_ROWS = 16384  # references compared at once: with QUERY_ROWS, a 64 MB similarity block
+# Choosing k scores at most this many query x reference pairs per split: beyond, a seeded sample
+# of the scored images (never fewer than MIN_SCORED) is scored, so that 1 M references take
+# minutes on two cores (2,000 of 10,000 val images; bench/scale.py); smaller files score all.
+MAX_SIMILARITIES = 2 * 10**9
+MIN_SCORED = 1000
 
 
 def unit_rows(X, mean, dtype=np.float32):
-    """Rows of ``X`` (any 2-D array-like) centred on ``mean`` and scaled to unit L2 norm, as
-    ``dtype``; read in row chunks. An all-zero row stays zero."""
-    out = np.empty(X.shape, dtype=dtype)
-    for start, stop in row_chunks(X.shape[0]):
-        x = np.asarray(X[start:stop], dtype=np.float32) - mean
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        out[start:stop] = x / np.maximum(norms, 1e-12)
+    """Rows of ``X`` (any 2-D array-like, or a list of them read one after the other) centred
+    on ``mean`` and scaled to unit L2 norm, as ``dtype``, in one array; read in row chunks. An
+    all-zero row stays zero."""
+    matrices = X if isinstance(X, list) else [X]
+    out = np.empty((sum(m.shape[0] for m in matrices), matrices[0].shape[1]), dtype=dtype)
+    offset = 0
+    for matrix in matrices:
+        for start, stop in row_chunks(matrix.shape[0]):
+            x = np.asarray(matrix[start:stop], dtype=np.float32) - mean
+            norms = np.linalg.norm(x, axis=1, keepdims=True)
+            out[offset + start: offset + stop] = x / np.maximum(norms, 1e-12)
+        offset += matrix.shape[0]
     return out
 
 
@@ -155,12 +165,14 @@ class KNNClassifier(HeadEstimator):
     the split's fewer references). Learned attributes: ``classes_``, ``grid_`` (the k tried,
     after clipping), ``grid_scores_`` (list of ``(k, accuracy)``), ``best_k_``, ``selection_``,
     ``chance_``, ``mean_``, ``references_`` (float16), ``labels_`` (positions into
-    ``classes_``), ``warnings_``, ``n_train_``, ``n_val_``, ``fit_seconds_``.
+    ``classes_``), ``warnings_``, ``n_train_``, ``n_val_``, ``fit_seconds_``, ``scored_sample_``
+    (None, or how many images of each selection split were scored: a seeded sample when the
+    references are so many that scoring all would exceed ``MAX_SIMILARITIES``).
     """
 
     trainer = "knn"
     parameter = K
-    recorded = {"temperature": "temperature"}
+    recorded = {"temperature": "temperature", "scored_sample": "scored_sample_"}
 
     def __init__(self, *, k=None, temperature=defaults.KNN_TEMPERATURE, seed=defaults.SEED, device=defaults.DEVICE,
                  selection=defaults.SELECTION):
@@ -188,7 +200,7 @@ class KNNClassifier(HeadEstimator):
         labels = [y for _, _, y in parts]
         self.n_train_, self.n_val_ = len(labels[0]), sum(map(len, labels[1:]))
         n_pool = self.n_train_ + self.n_val_
-        self.warnings_ = []
+        self.warnings_, self.scored_sample_ = [], None
         too_many = sorted({int(k) for k in ks if k > n_pool})
         if too_many:
             self.warnings_.append(f"k {', '.join(map(str, too_many))} is more than the {n_pool} reference images "
@@ -212,7 +224,7 @@ class KNNClassifier(HeadEstimator):
             self.best_k_ = min(int(K.default), n_pool)
             self.warnings_.append(default_warning(self.selection_, K))
         self.mean_ = feature_stats(parts)[0]
-        self.references_ = np.concatenate([unit_rows(X, self.mean_, np.float16) for _, X, _ in parts])
+        self.references_ = unit_rows([X for _, X, _ in parts], self.mean_, np.float16)
         self.labels_ = np.concatenate(labels)
         self.fit_seconds_ = time.perf_counter() - started
         return self
@@ -220,10 +232,16 @@ class KNNClassifier(HeadEstimator):
     def _score_split(self, fit_parts, score_parts):
         """Accuracy of every k of the grid on ``score_parts``, with ``fit_parts`` as references."""
         mean = feature_stats(fit_parts)[0]
-        references = np.concatenate([unit_rows(X, mean) for _, X, _ in fit_parts])
+        # float16, as the head will hold them: the k chosen is scored on the references it votes with
+        references = unit_rows([X for _, X, _ in fit_parts], mean, np.float16)
         reference_labels = np.concatenate([y for _, _, y in fit_parts])
-        queries = np.concatenate([unit_rows(X, mean) for _, X, _ in score_parts])
+        queries = unit_rows([X for _, X, _ in score_parts], mean)
         truth = np.concatenate([y for _, _, y in score_parts])
+        limit = max(MIN_SCORED, MAX_SIMILARITIES // len(references))
+        if len(truth) > limit:  # a seeded sample of the scored rows (see MAX_SIMILARITIES)
+            keep = np.sort(np.random.default_rng(self.seed).choice(len(truth), limit, replace=False))
+            queries, truth = queries[keep], truth[keep]
+            self.scored_sample_ = limit
         device = resolve_device(self.device)
         sims, index = nearest(queries, torch.from_numpy(references).to(device), self.grid_[-1], device)
         n_classes = int(max(reference_labels.max(), truth.max())) + 1

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
-from pipeline.heads.features import row_chunks
+from pipeline.rows import CHUNK_ROWS, read_rows, row_chunks
 from pipeline.heads.lbfgs import batched_lbfgs
 
 SPECTRUM_ROWS = 4096
@@ -52,30 +53,102 @@ def threads_for(n_values, device):
         yield
 
 
+class ChunkedRows:
+    """Feature rows as the solvers read them: ``CHUNK_ROWS`` at a time, as float32 on ``device``.
+
+    ``matrices`` are read one after the other as one (N, D) matrix, ``chunk_rows`` rows at a
+    time (a chunk never straddles two matrices). A tensor or ndarray stays
+    at its own precision (float16 features take half the memory of float32) and is made a
+    tensor on ``device`` once: a view of the ndarray on the CPU, one copy in a GPU's memory.
+    Anything else (a :class:`~pipeline.heads.features.RowSubset` of an HDF5 file) is read
+    chunk by chunk on every pass, so only a chunk of it is ever in memory. Each chunk is
+    converted to ``dtype`` (float32) as it is used.
+
+    ``mean`` and ``std`` (D,), when given, are the standardisation the models are expressed in:
+    :func:`multinomial_loss_and_grad` folds them into the weights rather than standardising
+    a copy of the rows, and indexing (``rows[index]``, sorted indices) returns standardised rows.
+    """
+
+    def __init__(self, matrices, device, mean=None, std=None, chunk_rows=CHUNK_ROWS, dtype=torch.float32):
+        self.device, self.chunk_rows, self.dtype = torch.device(device), chunk_rows, dtype
+        self.sources = [torch.from_numpy(np.ascontiguousarray(m)).to(self.device) if isinstance(m, np.ndarray)
+                        else m.to(self.device) if isinstance(m, torch.Tensor) else m for m in matrices]
+        self.offsets = np.cumsum([0] + [m.shape[0] for m in self.sources])
+        self.shape = (int(self.offsets[-1]), self.sources[0].shape[1])
+        self.mean, self.std = (None, None) if mean is None else (
+            torch.as_tensor(mean, dtype=torch.float32, device=self.device),
+            torch.as_tensor(std, dtype=torch.float32, device=self.device))
+
+    @classmethod
+    def of(cls, X):
+        """``X`` as chunked rows: itself when it already is, else one tensor's rows as they are."""
+        return X if isinstance(X, ChunkedRows) else cls([X], X.device, dtype=X.dtype)
+
+    def _float(self, rows):
+        """Rows read from a source, as ``dtype`` (float32) on the device."""
+        if not isinstance(rows, torch.Tensor):
+            rows = torch.from_numpy(np.asarray(rows))
+        return rows.to(self.device, self.dtype)
+
+    def chunks(self):
+        """``(start, stop, x)`` over every row: ``x`` the rows start..stop as float32, not
+        standardised. Chunks never straddle two matrices."""
+        for offset, source in zip(self.offsets, self.sources):
+            for start, stop in row_chunks(source.shape[0], self.chunk_rows):
+                yield offset + start, offset + stop, self._float(source[start:stop])
+
+    def __getitem__(self, index):
+        """Standardised float32 rows at ``index`` (sorted row numbers, a tensor or array)."""
+        index = np.asarray(torch.as_tensor(index).cpu(), dtype=np.int64)
+        parts = []
+        for offset, source in zip(self.offsets, self.sources):
+            inside = index[(index >= offset) & (index < offset + source.shape[0])] - offset
+            if len(inside):
+                parts.append(self._float(source[torch.from_numpy(inside).to(self.device)] if isinstance(
+                    source, torch.Tensor) else read_rows(source, inside)))
+        x = torch.cat(parts)
+        return x if self.mean is None else (x - self.mean) / self.std
+
+
 def multinomial_loss_and_grad(X, y, sample_weight, params, strengths):
-    """Loss (k,) float64 and gradient (k, D+1, C) of k models on all rows of ``X`` (N, D).
+    """Loss (k,) float64 and gradient (k, D+1, C) of k models on all rows of ``X`` (N, D): a
+    tensor, or :class:`ChunkedRows`.
 
     Model j has weight ``params[j, :-1]`` (D, C) and bias ``params[j, -1]``; its loss is
     the ``sample_weight``-weighted sum of cross-entropies (the weights sum to 1) plus
     ``strengths[j] / 2 * ||W_j||^2``. Rows are processed in chunks so the (rows, k, C)
     intermediates stay bounded; all k models share one (D, k*C) product per chunk.
+
+    With standardised rows (``X.mean``/``X.std``: z = (x - m) / s), the models' weights apply
+    to z. The rows are not standardised: z W + b = x (W / s) + (b - (m / s) W), and the
+    weights' gradient z^T r = (x^T r - m (sum r)) / s, so each chunk costs one conversion to
+    float32 and the same two products as rows standardised beforehand.
     """
+    X = ChunkedRows.of(X)
     n_models, n_rows_w, n_classes = params.shape
     stacked = params[:, :-1].permute(1, 0, 2).reshape(n_rows_w - 1, n_models * n_classes)
     bias = params[:, -1]
+    if X.mean is not None:  # weights and bias that act on the raw rows (see the docstring)
+        raw_weights = stacked / X.std[:, None]
+        raw_bias = bias - ((X.mean / X.std) @ stacked).view(n_models, n_classes)
+    else:
+        raw_weights, raw_bias = stacked, bias
     loss = torch.zeros(n_models, dtype=torch.float64, device=X.device)
     grad_stacked = torch.zeros_like(stacked)
     grad_bias = torch.zeros_like(bias)
-    for start, stop in row_chunks(X.shape[0]):
-        x, target, w = X[start:stop], y[start:stop], sample_weight[start:stop, None]
+    for start, stop, x in X.chunks():
+        target, w = y[start:stop], sample_weight[start:stop, None]
         index = target[:, None, None].expand(-1, n_models, 1)
-        log_p = torch.log_softmax((x @ stacked).view(-1, n_models, n_classes) + bias, dim=2)
+        log_p = torch.log_softmax((x @ raw_weights).view(-1, n_models, n_classes) + raw_bias, dim=2)
         loss -= (w * log_p.gather(2, index).squeeze(2)).sum(0, dtype=torch.float64)
         residual = log_p.exp_()  # softmax - one_hot, weighted: d loss / d logits
-        residual.scatter_add_(2, index, torch.full(index.shape, -1.0, device=X.device))
+        residual.scatter_add_(2, index, torch.full(index.shape, -1.0, dtype=residual.dtype, device=X.device))
         residual.mul_(w[:, :, None])
         grad_stacked.addmm_(x.T, residual.view(-1, n_models * n_classes))
         grad_bias += residual.sum(0)
+    if X.mean is not None:
+        grad_stacked -= X.mean[:, None] * grad_bias.view(1, -1)
+        grad_stacked /= X.std[:, None]
     weight = params[:, :-1]
     loss += (strengths / 2 * weight.square().sum((1, 2))).double()
     grad_weight = grad_stacked.view(-1, n_models, n_classes).permute(1, 0, 2) + strengths[:, None, None] * weight
@@ -95,6 +168,7 @@ class FeatureSpectrum:
     """
 
     def __init__(self, X, *, seed, rows=SPECTRUM_ROWS, rank=SPECTRUM_RANK):
+        """``X``: a tensor or :class:`ChunkedRows` (its standardised rows are sampled)."""
         n_rows, n_dims = X.shape
         generator = torch.Generator().manual_seed(seed)
         sample_rows = torch.randperm(n_rows, generator=generator)[:rows].sort().values

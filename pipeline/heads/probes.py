@@ -37,7 +37,7 @@ from pipeline.heads.features import (
 from pipeline.heads.head_file import LinearHead
 from pipeline.heads.knn import KNNClassifier
 from pipeline.heads.lbfgs import CONVERGED, LINE_SEARCH, MAX_ITER
-from pipeline.heads.multinomial import FeatureSpectrum, fit_multinomial, threads_for
+from pipeline.heads.multinomial import ChunkedRows, FeatureSpectrum, fit_multinomial, threads_for
 from pipeline.heads.selection import (
     SCORED_ON, STRENGTH, chance_warning, default_warning, merge_records, plan_selection, score_splits,
 )
@@ -227,8 +227,9 @@ class _SweepClassifier(HeadEstimator):
 class LinearClassifier(_SweepClassifier):
     """Torch linear probe: the whole strength grid is trained at once, in one batched computation.
 
-    Full batch (default): features are moved to ``device`` once and the K grid points
-    are trained together by a batched L-BFGS (:func:`~pipeline.heads.multinomial.fit_multinomial`):
+    Full batch (default): features stay at their own precision (moved to ``device`` once;
+    rows of a feature file that did not fit the memory budget are read from it in chunks on
+    every pass) and the K grid points are trained together by a batched L-BFGS (:func:`~pipeline.heads.multinomial.fit_multinomial`):
     one (D, K*C) matrix product per evaluation serves every model, while each model keeps
     its own curvature history and step length and stops on scikit-learn's rule (largest
     gradient entry <= ``tol``, at most ``max_iter`` iterations). Its initial inverse Hessian
@@ -237,8 +238,7 @@ class LinearClassifier(_SweepClassifier):
     a hold-out) the refit starts from the chosen grid solution; after cross-validation,
     from zero.
 
-    Mini-batch (``batch_size`` set, or features not an in-memory ndarray such as an
-    ``h5py.Dataset``): contiguous row chunks are streamed, the K models trained together
+    Mini-batch (``batch_size`` set): contiguous row chunks are streamed, the K models trained together
     with Adam (learning rate ``lr``) for up to ``max_epochs``, each kept at its best
     validation epoch (early stopping after ``PATIENCE_EPOCHS`` epochs without any
     improvement); the refit trains from scratch on train + val for the chosen model's
@@ -259,14 +259,13 @@ class LinearClassifier(_SweepClassifier):
         self.lr = lr
 
     def _streaming(self, parts):
-        return self.batch_size is not None or not all(isinstance(x, np.ndarray) for _, x, _ in parts)
+        return self.batch_size is not None
 
     def _fit_grid(self, parts, val):
         if self._streaming(parts):
             weights, biases, best_epochs = self._adam(parts, self.grid_, self.max_epochs, val)
             return weights, biases, {"n_iter": None, "stop": None, "epochs": best_epochs.tolist()}
-        X, y = self._encoded(parts)
-        weights, biases, n_iter, stop = self._lbfgs(X, y, self.grid_, init=None)
+        weights, biases, n_iter, stop = self._lbfgs(parts, self.grid_, init=None)
         return weights, biases, {"n_iter": n_iter, "stop": stop, "epochs": None}
 
     def _fit_one(self, parts, strength, init, epochs):
@@ -274,30 +273,32 @@ class LinearClassifier(_SweepClassifier):
             epochs = self.max_epochs if epochs is None else epochs
             weights, biases, _ = self._adam(parts, [strength], epochs, val=None)
             return weights[0], biases[0], {"n_iter": None, "stop": None, "epochs": epochs}
-        X, y = self._encoded(parts)
         start = None if init is None else (init[0][None], init[1][None])
-        weights, biases, n_iter, stop = self._lbfgs(X, y, [strength], init=start)
+        weights, biases, n_iter, stop = self._lbfgs(parts, [strength], init=start)
         return weights[0], biases[0], {"n_iter": n_iter[0], "stop": stop[0], "epochs": None}
 
-    def _lbfgs(self, X, y, strengths, init):
-        """Fit one model per strength with batched, preconditioned L-BFGS.
+    def _lbfgs(self, parts, strengths, init):
+        """Fit one model per strength on the rows of ``parts`` with batched, preconditioned L-BFGS.
 
+        The rows are read in chunks at their stored precision, the standardisation folded into
+        the weights (:class:`~pipeline.heads.multinomial.ChunkedRows`): no standardised copy.
         Returns weights (K, C, D), biases (K, C), the iterations each model took and why
         it stopped. A fit from scratch measures the feature spectrum behind the
         preconditioner; a refit started from a sweep's solution (``init``) reuses the sweep's.
         """
         device = resolve_device(self.device)
         n_classes = len(self.classes_)
-        X_t = torch.from_numpy(X).to(device)
+        X_t = ChunkedRows([x for _, x, _ in parts], device, self.mean_, self.std_)
+        y = np.concatenate([labels for _, _, labels in parts])
         y_t = torch.from_numpy(y).to(device)
         sw = torch.from_numpy(class_weights(y, n_classes, self.balanced)[y] / len(y)).to(device)
         lam = torch.tensor(strengths, dtype=torch.float32, device=device)
         if init is None:
-            params = torch.zeros(len(strengths), X.shape[1] + 1, n_classes, device=device)
+            params = torch.zeros(len(strengths), X_t.shape[1] + 1, n_classes, device=device)
         else:  # rows 0..D-1 hold W (K, D, C), the last row the bias
             weight, bias = init
             params = torch.from_numpy(np.concatenate([weight.transpose(0, 2, 1), bias[:, None]], axis=1)).to(device)
-        with threads_for(X.size, device):
+        with threads_for(X_t.shape[0] * X_t.shape[1], device):
             if init is None:
                 self._spectrum = FeatureSpectrum(X_t, seed=self.seed)
             result = fit_multinomial(X_t, y_t, sw, lam, params, self._spectrum, max_iter=self.max_iter, tol=self.tol)

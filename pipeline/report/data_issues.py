@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 from ..heads import LinearClassifier
-from ..heads.knn import nearest, unit_rows
+from ..heads.knn import unit_rows
 from ..heads.multinomial import one_thread
 from ..heads.selection import kfold_masks, split_parts
+from ..rows import row_chunks
 from ..store import FeatureSet
 
 DUPLICATE_COSINE = 0.98
@@ -28,6 +29,15 @@ ISSUE_TOL = 1e-3
 # the 5 folds of those 2,000 images took 2.0-2.3 s on one thread and 9-23 s on two, taking turns
 # in one process (pipeline.heads.multinomial, SINGLE_THREAD_VALUES, explains why).
 SPLITS = ("train", "val", "test")
+# Above these sizes the report checks a seeded sample, so that it runs in minutes and bounded memory
+# on a million images (bench/scale.py), and says so on the page. Label issues: the out-of-fold
+# heads see at most this many train + val images, enough for a head as good as one on all of
+# them; the page shows at most a few dozen issues anyway. Duplicates: at most this many val/test
+# images are compared with every earlier image (each costs a pass of dot products over the
+# whole file); the share found is an estimate of the whole split's.
+MAX_LABEL_ISSUE_ROWS = 20_000
+MAX_DUPLICATE_QUERIES = 2_000
+REFERENCE_ROWS = 4096  # earlier images compared at once with every query
 
 
 @dataclass
@@ -37,7 +47,7 @@ class LabelIssues:
     ``rows`` (feature file rows, lowest ``self_confidence`` first), ``given`` and ``suggested``
     (class indices), ``self_confidence`` (out-of-fold probability of the given label) and
     ``suggested_probability``; ``n_checked`` images were scored in ``folds`` folds by heads of
-    L2 ``strength``.
+    L2 ``strength``, out of ``n_pool`` train + val images (more: a seeded sample was checked).
     ``reason`` says why nothing could be checked (then everything else is empty)."""
 
     rows: np.ndarray
@@ -46,6 +56,7 @@ class LabelIssues:
     self_confidence: np.ndarray
     suggested_probability: np.ndarray
     n_checked: int = 0
+    n_pool: int = 0
     folds: int = 0
     strength: float = 0.0
     reason: str = ""
@@ -82,10 +93,28 @@ def confident_label_issues(proba, y):
     return rows, suggested[rows]
 
 
-def find_label_issues(features: FeatureSet, strength: float, seed: int = 0) -> LabelIssues:
-    """Label issues among the train and val images of ``features`` (read with features), from
-    out-of-fold probabilities of linear heads with L2 ``strength`` (the report's head's)."""
-    pool = np.flatnonzero(np.isin(features.split, ("train", "val")))
+def sample_rows(rows, limit, seed, labels=None):
+    """``rows`` when there are at most ``limit``, else a seeded sample of ``limit`` of them
+    (stratified by ``labels`` when given: each class keeps its share, and at least 2 rows), sorted."""
+    if len(rows) <= limit:
+        return rows
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        return np.sort(rng.choice(rows, limit, replace=False))
+    picked = []
+    for label in np.unique(labels):
+        members = rows[labels == label]
+        picked.append(rng.choice(members, min(len(members), max(2, round(limit * len(members) / len(rows)))),
+                                 replace=False))
+    return np.sort(np.concatenate(picked))
+
+
+def find_label_issues(features: FeatureSet, strength: float, seed: int = 0, limit: int | None = None) -> LabelIssues:
+    """Label issues among the train and val images of ``features`` (only their rows are read),
+    from out-of-fold probabilities of linear heads with L2 ``strength`` (the report's head's);
+    above ``limit`` images (default ``MAX_LABEL_ISSUE_ROWS``), among a seeded stratified sample."""
+    every = np.flatnonzero(np.isin(features.split, ("train", "val")))
+    pool = sample_rows(every, MAX_LABEL_ISSUE_ROWS if limit is None else limit, seed, features.labels[every])
     y = features.labels[pool]
     counts = np.bincount(y)
     present = counts[counts > 0]
@@ -98,11 +127,11 @@ def find_label_issues(features: FeatureSet, strength: float, seed: int = 0) -> L
         lonely = ", ".join(features.classes[c] for c in np.flatnonzero(counts == 1)[:5])
         return LabelIssues(**nothing, reason=f"a class has a single image in train + val ({lonely}), so no "
                                              "image can be scored by a head that has not seen it")
-    proba = out_of_fold_probabilities(features.features[pool], y, len(features.classes), strength, seed)
+    proba = out_of_fold_probabilities(features.feature_rows(pool), y, len(features.classes), strength, seed)
     issues, suggested = confident_label_issues(proba, y)
     return LabelIssues(rows=pool[issues], given=y[issues], suggested=suggested,
                        self_confidence=proba[issues, y[issues]], suggested_probability=proba[issues, suggested],
-                       n_checked=len(y), folds=len(kfold_masks(y, seed)), strength=strength)
+                       n_checked=len(y), n_pool=len(every), folds=len(kfold_masks(y, seed)), strength=strength)
 
 
 @dataclass
@@ -124,25 +153,37 @@ class Duplicates:
     near: list[DuplicatePair] = field(default_factory=list)
     identical: list[DuplicatePair] = field(default_factory=list)
     unreadable: int = 0
+    n_queries: int = 0  # val/test images compared by their features ...
+    n_later: int = 0  # ... of this many (fewer: a seeded sample)
 
 
-def nearest_earlier(features: FeatureSet):
-    """For every val and test row, its most similar row (cosine of the features) in an earlier
-    split (val: train; test: train and val). Returns ``(rows, matches, cosines)``."""
-    order = np.array([SPLITS.index(s) for s in features.split])
-    found = [], [], []
-    for later in (1, 2):
-        queries, candidates = np.flatnonzero(order == later), np.flatnonzero(order < later)
-        if not len(queries) or not len(candidates):
-            continue
-        reference = torch.from_numpy(unit_rows(features.features[candidates], 0.0))
-        cosines, best = nearest(unit_rows(features.features[queries], 0.0), reference, 1, torch.device("cpu"))
-        found[0].append(queries)
-        found[1].append(candidates[best[:, 0]])
-        found[2].append(cosines[:, 0])
-    if not found[0]:
+def nearest_earlier(features: FeatureSet, queries=None):
+    """For every val and test row (or those of ``queries``, sorted row numbers), its most
+    similar row (cosine of the features) in an earlier split (val: train; test: train and val).
+
+    The queries are held in memory; every earlier row is read from the file once, a block of
+    ``REFERENCE_ROWS`` at a time, and compared with all of them. Returns ``(rows, matches,
+    cosines)``; a query with no earlier row gets no entry.
+    """
+    order = np.array([SPLITS.index(s) for s in features.split], dtype=np.int8)
+    if queries is None:
+        queries = np.flatnonzero(order > 0)
+    earlier = np.flatnonzero(order < order[queries].max()) if len(queries) else queries
+    if not len(queries) or not len(earlier):
         return np.array([], dtype=np.int64), np.array([], dtype=np.int64), np.array([])
-    return tuple(np.concatenate(part) for part in found)
+    query_order = torch.from_numpy(order[queries])
+    unit = torch.from_numpy(unit_rows(features.feature_rows(queries), 0.0))
+    best = torch.full((len(queries),), -np.inf)
+    match = torch.full((len(queries),), -1, dtype=torch.int64)
+    for start, stop in row_chunks(len(earlier), REFERENCE_ROWS):
+        rows = earlier[start:stop]
+        similarity = unit @ torch.from_numpy(unit_rows(features.feature_rows(rows), 0.0)).T
+        similarity[torch.from_numpy(order[rows])[None, :] >= query_order[:, None]] = -np.inf  # not earlier
+        value, index = similarity.max(dim=1)
+        better = value > best
+        best[better], match[better] = value[better], torch.from_numpy(rows)[index[better]]
+    found = match >= 0
+    return queries[found.numpy()], match[found].numpy(), best[found].numpy().astype(np.float64)
 
 
 def _file_hash(path: Path) -> str | None:
@@ -176,12 +217,18 @@ def identical_files(features: FeatureSet, root) -> tuple[list[DuplicatePair], in
     return sorted(pairs, key=lambda p: p.row), unreadable
 
 
-def find_duplicates(features: FeatureSet, root, threshold: float = DUPLICATE_COSINE) -> Duplicates:
+def find_duplicates(features: FeatureSet, root, threshold: float = DUPLICATE_COSINE, seed: int = 0,
+                    limit: int | None = None) -> Duplicates:
     """Images of val or test that also appear in an earlier split: as identical files (under
-    ``root``, the data root) and as features with cosine >= ``threshold``."""
-    identical, unreadable = identical_files(features, root)
+    ``root``, the data root; None: files are not compared) and as features with cosine >=
+    ``threshold`` (every val/test image up to ``limit`` of them, default ``MAX_DUPLICATE_QUERIES``,
+    else a seeded sample of that many)."""
+    identical, unreadable = identical_files(features, root) if root else ([], 0)
     same_file = {p.row for p in identical}
-    rows, matches, cosines = nearest_earlier(features)
+    later = np.flatnonzero(np.isin(features.split, SPLITS[1:]))
+    queries = sample_rows(later, MAX_DUPLICATE_QUERIES if limit is None else limit, seed)
+    rows, matches, cosines = nearest_earlier(features, queries)
     keep = [i for i in np.argsort(-cosines, kind="stable") if cosines[i] >= threshold and rows[i] not in same_file]
     near = [DuplicatePair(int(rows[i]), int(matches[i]), float(cosines[i])) for i in keep]
-    return Duplicates(near=near, identical=identical, unreadable=unreadable)
+    return Duplicates(near=near, identical=identical, unreadable=unreadable, n_queries=len(queries),
+                      n_later=len(later))

@@ -133,23 +133,24 @@ def map_rows(y, predicted, seed=0, limit=MAX_POINTS) -> np.ndarray:
 def gather(features_path, head_path, split: str = "test", seed: int = 0) -> ReportData:
     """Read the feature file and the head, check they belong together, and compute
     everything the report shows (a bad input is a :class:`PipeError`)."""
-    features = read_features(features_path)
+    features = read_features(features_path, with_features=False)  # rows are read as each part needs them
     head = load_matching_head(head_path, features)
     if features.multilabel:
         raise PipeError(f"{features.path} has several labels per image; pipe report covers single-label heads "
                         "(use pipe evaluate for a multi-label head)")
+    X, y = features.rows(split)
     rows = features.row_indices(split)
-    y = features.labels[rows]
-    proba = head.predict_proba(features.features[rows])
+    proba = head.predict_proba(X)
     metrics = {**classification_report(y, proba, features.classes), **bootstrap_intervals(y, proba, seed=seed)}
     shown = map_rows(y, proba.argmax(axis=1), seed)
-    points, method = embed(features.features[rows[shown]], seed)
+    points, method = embed(X[shown], seed)
+    del X
     strength = head.training.get("strength", DEFAULT_STRENGTH)
     root = features.attrs.get("data_root")
     return ReportData(features=features, head=head, split=split, rows=rows, y=y, proba=proba, metrics=metrics,
                       points=points, point_rows=shown, embedding=method,
                       label_issues=find_label_issues(features, strength, seed),
-                      duplicates=find_duplicates(features, root) if root else Duplicates(),
+                      duplicates=find_duplicates(features, root, seed=seed),
                       thumbnails=Thumbnails(root))
 
 

@@ -178,7 +178,10 @@ def label_issues(data):
             f'that did not see them ({issues.folds}-fold cross-validation, L2 strength {issues.strength:.3g}; '
             f'confident learning\'s per-class '
             f'thresholds): {len(issues.rows):,} of {issues.n_checked:,} images'
-            + (f", the {len(shown)} least likely shown" if len(issues.rows) > len(shown) else "") + ".</p>")
+            + (f", the {len(shown)} least likely shown" if len(issues.rows) > len(shown) else "") + "."
+            + (f" Checked on a seeded sample of {issues.n_checked:,} of the {issues.n_pool:,} train and val images "
+               "(stratified by class); the others were not checked." if issues.n_pool > issues.n_checked else "")
+            + "</p>")
     figures = "".join(data.thumbnails.figure(
         data.features.paths[issues.rows[k]],
         _caption(f"given: {text(classes[issues.given[k]])} ({issues.self_confidence[k]:.2f})",
@@ -213,6 +216,11 @@ def duplicates(data):
     if found.unreadable:
         html.append(f'<p class="warn">{found.unreadable:,} files could not be read to compare.</p>')
     html.append(f"<h3>Near-duplicates (cosine ≥ {DUPLICATE_COSINE:g}): {len(found.near):,}</h3>")
+    if found.n_later > found.n_queries:
+        html.append(f'<p class="note">Compared by their features: a seeded sample of {found.n_queries:,} of the '
+                    f'{found.n_later:,} val and test images, each with every earlier image; about '
+                    f'{found.n_later / found.n_queries:.0f} times as many near-duplicates are likely in all of them.'
+                    '</p>')
     if found.near:
         html.append(_pairs(data, found.near, lambda p: f"cosine {p.cosine:.4f}"))
     return "duplicates", "Duplicates across splits", "".join(html)

@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 
 from ..errors import PipeError
+from ..rows import read_rows_chunked
 from .files import atomic_h5, lock_output, writable_bytes
 
 SCHEMA_VERSION = 1
@@ -68,7 +69,8 @@ class FileRows:
 
 @dataclass
 class FeatureSet(FileRows):
-    """A feature file read into memory (``features`` as float32 unless ``with_features=False``)."""
+    """A feature file read into memory (``features`` as float32 unless ``with_features=False``;
+    then :meth:`rows` and :meth:`feature_rows` read just the rows asked for)."""
 
     path: Path
     features: np.ndarray | None
@@ -102,9 +104,22 @@ class FeatureSet(FileRows):
         return rows
 
     def rows(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """(features, labels) of one split; PipeError if it has no samples."""
+        """(features, labels) of one split; PipeError if it has no samples. Read without its
+        features, only that split's rows are read from the file (:meth:`feature_rows`)."""
         rows = self.row_indices(split)
-        return self.features[rows], self.labels[rows]
+        return self.feature_rows(rows), self.labels[rows]
+
+    def feature_rows(self, rows) -> np.ndarray:
+        """The features of ``rows`` (sorted row numbers): from memory when the file was read
+        with its features (float32), else read from the file a chunk at a time, at the precision
+        stored there (float16 features stay float16: convert them chunk by chunk)."""
+        if self.features is not None:
+            return self.features[rows]
+        try:
+            with feature_matrix(self.path) as matrix:
+                return read_rows_chunked(matrix, rows)
+        except (OSError, KeyError) as exc:
+            raise PipeError(f"cannot read the features of {self.path} ({exc}); re-run pipe extract") from None
 
     def X(self, split: str | None = None) -> np.ndarray:
         """The features (n_images, feature_dim) float32 of one split ("train", "val",
