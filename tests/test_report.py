@@ -65,7 +65,9 @@ def flawed(tmp_path_factory):
     pixels[0, 0] = 255 - pixels[0, 0]
     Image.fromarray(pixels).save(data / "train" / "green" / "near_copy_of_test.png")
     features, head, report = root / "f.h5", root / "h.pt", root / "report.html"
-    assert invoke("extract", data, "--out", features, *FAST_EXTRACT).exit_code == 0
+    # float32: these textures differ by little in a random-weight network's features, and under
+    # bfloat16's rounding the head found 2 of the 5 flips instead of all of them
+    assert invoke("extract", data, "--out", features, *FAST_EXTRACT, "--precision", "float32").exit_code == 0
     assert invoke("train-head", features, "--out", head).exit_code == 0
     result = invoke("report", "--features", features, "--head", head, "--out", report)
     assert result.exit_code == 0, (result.output, result.exception)
@@ -163,7 +165,9 @@ def test_an_image_no_longer_on_disk_is_a_placeholder_with_its_path(flawed, tmp_p
 def test_a_report_is_written_with_few_images_per_class(tmp_path, per_class):
     data = make_image_folder(tmp_path / "data", splits={"train": per_class, "test": per_class}, size=24)
     features, head, report = tmp_path / "f.h5", tmp_path / "h.pt", tmp_path / "out" / "r.html"
-    assert invoke("extract", data, "--out", features, *FAST_EXTRACT).exit_code == 0
+    # float32: these textures differ by little in a random-weight network's features, and under
+    # bfloat16's rounding the head found 2 of the 5 flips instead of all of them
+    assert invoke("extract", data, "--out", features, *FAST_EXTRACT, "--precision", "float32").exit_code == 0
     assert invoke("train-head", features, "--out", head).exit_code == 0
     result = invoke("report", "--features", features, "--head", head, "--out", report)
     assert result.exit_code == 0, (result.output, result.exception)
