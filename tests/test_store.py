@@ -77,7 +77,7 @@ def test_paths_are_relative_utf8_and_labels_match_folders(extracted):
 # the attributes the README lists under "File formats"; `shard` only in files made with --shard
 DOCUMENTED_ATTRIBUTES = {"schema_version", "classes", "model", "weights", "weights_id", "feature_dim", "transform",
                          "identity", "fingerprint", "dtype", "split_seed", "split_fractions", "given_splits",
-                         "data_root", "pipe_version", "request", "extraction"}
+                         "data_root", "pipe_version", "request", "extraction", "precision"}
 
 
 def test_feature_file_attributes(extracted):
@@ -100,6 +100,7 @@ def test_feature_file_attributes(extracted):
     assert identity["weights"] == attrs["weights_id"] and identity["dtype"] == "float16"
     assert isinstance(attrs["fingerprint"], str) and len(attrs["fingerprint"]) >= 8
     assert attrs["dtype"] == "float16" == f["features_dtype"]
+    assert attrs["precision"] in ("float32", "bfloat16") and identity.get("precision", "float32") == attrs["precision"]
     assert attrs["split_seed"] == 3
     assert json.loads(attrs["split_fractions"]) == [0.5, 0.25, 0.25]
     assert not attrs["given_splits"]
