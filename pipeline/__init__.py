@@ -18,9 +18,10 @@ Importing ``pipeline`` loads nothing heavy: each name below loads its module (to
 scikit-learn) the first time it is used.
 """
 
-import importlib
 import sys
 import types
+
+from pipeline.lazy_names import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -42,18 +43,7 @@ _EXPORTS = {
 }
 
 __all__ = ["__version__", *_EXPORTS]
-
-
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_attributes(globals(), _EXPORTS)
 
 
 class _Package(types.ModuleType):

@@ -35,7 +35,7 @@ def evaluate(head, features, *, split: str = defaults.SPLIT, ci: bool = False) -
     intervals (``accuracy_ci95``, ...: :func:`pipeline.metrics.bootstrap_intervals`; single-label
     heads only). The head must match the features (:func:`load_matching_head`)."""
     if not isinstance(features, FeatureSet):
-        features = read_features(features, with_features=False)  # only the split's rows are read, below
+        features = read_features(features, with_features=False, with_paths=False)  # the split's rows are read below
     head = load_matching_head(head, features)
     multilabel = head.kind == "multilabel"
     if multilabel and ci:

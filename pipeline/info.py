@@ -10,7 +10,7 @@ from .store import images_per_second, is_feature_file, read_features
 
 
 def _describe_features(path: Path, show_failed: bool) -> list[str]:
-    fs = read_features(path, with_features=False)
+    fs = read_features(path, with_features=False, with_paths=False)
     counts = ", ".join(f"{k} {v}" for k, v in fs.split_counts().items())
     lines = [
         f"feature file  {path}",

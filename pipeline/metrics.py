@@ -1,9 +1,13 @@
-"""Classification metrics for a head's predictions, as plain (JSON-able) values and text."""
+"""Classification metrics for a head's predictions, as plain (JSON-able) values and text.
+
+Counted with numpy (scikit-learn's definitions, ``zero_division=0``; the tests compare them
+with scikit-learn's functions): ``pipe evaluate`` and ``pipe report`` need not import
+scikit-learn. Only the multi-label average precision uses it.
+"""
 
 from __future__ import annotations
 
 import numpy as np
-from sklearn import metrics
 
 TOP_K = 5
 ABBREVIATION = 6
@@ -20,18 +24,19 @@ def classification_report(y_true, proba, classes):
     ``macro_f1``, ``n``, ``classes``, ``per_class`` (name -> precision, recall, f1,
     support) and ``confusion_matrix`` (rows: true class, columns: predicted class).
     """
-    y_true = np.asarray(y_true)
+    y_true = np.asarray(y_true, dtype=np.int64)
     proba = np.asarray(proba)
-    labels = np.arange(len(classes))
+    n_classes = len(classes)
     y_pred = proba.argmax(axis=1)
-    precision, recall, f1, support = metrics.precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0
-    )
+    confusion = np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    precision, recall, f1 = per_class_scores(np.diag(confusion), confusion.sum(axis=0), confusion.sum(axis=1))
+    support = confusion.sum(axis=1)
     top5 = None
-    if len(classes) > TOP_K:
-        top5 = float(metrics.top_k_accuracy_score(y_true, proba, k=TOP_K, labels=labels))
+    if n_classes > TOP_K:
+        top = np.argsort(-proba, axis=1, kind="stable")[:, :TOP_K]
+        top5 = float((top == y_true[:, None]).any(axis=1).mean())
     return {
-        "accuracy": float(metrics.accuracy_score(y_true, y_pred)),
+        "accuracy": float((y_pred == y_true).mean()),
         "top5_accuracy": top5,
         "balanced_accuracy": float(recall[support > 0].mean()),
         "macro_f1": float(f1.mean()),
@@ -41,13 +46,26 @@ def classification_report(y_true, proba, classes):
             name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
             for name, p, r, f, s in zip(classes, precision, recall, f1, support)
         },
-        "confusion_matrix": metrics.confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "confusion_matrix": confusion.tolist(),
     }
+
+
+def per_class_scores(hits, predicted, support):
+    """Precision, recall and F1 (each (C,) float64) from each class's true positives ``hits``,
+    predictions ``predicted`` and true members ``support``; 0 where a ratio has nothing below."""
+    hits, predicted, support = (np.asarray(a, dtype=np.float64) for a in (hits, predicted, support))
+
+    def ratio(top, bottom):
+        return np.divide(top, bottom, out=np.zeros_like(top), where=bottom > 0)
+
+    return ratio(hits, predicted), ratio(hits, support), ratio(2 * hits, predicted + support)
 
 
 def average_precisions(targets, proba):
     """Each class's average precision (C,) of ``proba`` (N, C) against multi-hot ``targets``
     (N, C) (scikit-learn's step-wise AP); NaN for a class with no positive."""
+    from sklearn import metrics
+
     targets = np.asarray(targets)
     present = targets.any(axis=0)
     ap = np.full(targets.shape[1], np.nan)
@@ -66,7 +84,8 @@ def multilabel_report(targets, proba, thresholds, classes):
     targets, proba = np.asarray(targets), np.asarray(proba)
     predicted = (proba >= np.asarray(thresholds)).astype(np.uint8)
     ap = average_precisions(targets, proba)
-    precision, recall, f1, support = metrics.precision_recall_fscore_support(targets, predicted, zero_division=0)
+    hits, support = (predicted & targets).sum(axis=0), targets.sum(axis=0)
+    precision, recall, f1 = per_class_scores(hits, predicted.sum(axis=0), support)
     per_class = {
         name: {"ap": None if np.isnan(a) else float(a), "precision": float(p), "recall": float(r), "f1": float(f),
                "support": int(n), "threshold": float(t)}
@@ -75,7 +94,7 @@ def multilabel_report(targets, proba, thresholds, classes):
     return {
         "mAP": float(np.nanmean(ap)) if not np.isnan(ap).all() else None,
         "per_class": per_class,
-        "micro_f1": float(metrics.f1_score(targets, predicted, average="micro", zero_division=0)),
+        "micro_f1": float(per_class_scores([hits.sum()], [predicted.sum()], [support.sum()])[2][0]),
         "macro_f1": float(f1.mean()),
         "subset_accuracy": float((predicted == targets).all(axis=1).mean()),
         "n": int(len(targets)),
@@ -109,9 +128,7 @@ def resample_scores(y_true, y_pred, weights, n_classes):
     support = weights @ truth
     predicted = weights @ np.eye(n_classes)[y_pred]
     present = support > 0
-    recall = np.divide(hits, support, out=np.zeros_like(hits), where=present)
-    both = support + predicted
-    f1 = np.divide(2 * hits, both, out=np.zeros_like(hits), where=both > 0)
+    _, recall, f1 = per_class_scores(hits, predicted, support)
     return {"accuracy": hits.sum(1) / weights.sum(1),
             "balanced_accuracy": (recall * present).sum(1) / present.sum(1),
             "macro_f1": f1.mean(1)}

@@ -10,13 +10,27 @@ and its scikit-learn baseline :class:`SklearnLinearClassifier` (:mod:`.probes`),
 name; :class:`RowSubset`, a lazy view of some rows of a feature file (:mod:`.features`). The
 solver (:mod:`.lbfgs`) and the problems it solves (:mod:`.multinomial`, :mod:`.logistic`) are
 imported from their modules.
+
+Each name loads its module on first use: reading and scoring a linear head
+(:func:`load_head`) imports neither torch nor scikit-learn.
 """
 
-from pipeline.heads.features import RowSubset
-from pipeline.heads.head_file import Head, LinearHead, load_head
-from pipeline.heads.knn import KNNClassifier, KNNHead
-from pipeline.heads.probes import LinearClassifier, SklearnLinearClassifier, make_estimator
-from pipeline.heads.multilabel import MultilabelHead, MultiLabelClassifier  # noqa: E402  (registers the kind)
+from pipeline.lazy_names import lazy_attributes
 
-__all__ = ["Head", "KNNClassifier", "KNNHead", "LinearClassifier", "LinearHead", "MultiLabelClassifier",
-           "MultilabelHead", "RowSubset", "SklearnLinearClassifier", "load_head", "make_estimator"]
+# each public name and the module that defines it
+_EXPORTS = {
+    "Head": "pipeline.heads.head_file",
+    "LinearHead": "pipeline.heads.head_file",
+    "load_head": "pipeline.heads.head_file",
+    "RowSubset": "pipeline.heads.features",
+    "KNNClassifier": "pipeline.heads.knn",
+    "KNNHead": "pipeline.heads.knn",
+    "LinearClassifier": "pipeline.heads.probes",
+    "SklearnLinearClassifier": "pipeline.heads.probes",
+    "make_estimator": "pipeline.heads.probes",
+    "MultiLabelClassifier": "pipeline.heads.multilabel",
+    "MultilabelHead": "pipeline.heads.multilabel",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_attributes(globals(), _EXPORTS)

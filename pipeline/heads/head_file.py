@@ -1,7 +1,9 @@
 """The head file: its on-disk format, the kinds of head, and :class:`LinearHead`.
 
-A head file is a ``torch.save`` of plain types and tensors, read back with
-``torch.load(weights_only=True)`` so that no pickled code ever runs. Every kind stores
+A head file is a ``torch.save`` of plain types and tensors. It is read back by
+:func:`pipeline.heads.torch_zip.load_plain` (numpy arrays, no torch import: reading a head
+costs milliseconds instead of torch's 2 s import), or where that reader declines, by
+``torch.load(weights_only=True)``; no pickled code ever runs. Every kind stores
 ``format`` ("pipe-head"), ``version`` (1), ``kind``, ``classes``, ``fingerprint`` (of the
 features it was trained on), ``source`` (what predict rebuilds) and ``training`` (free-form
 metadata about the fit), plus what the kind needs. A linear head adds ``weight`` (C, D) and
@@ -9,12 +11,14 @@ metadata about the fit), plus what the kind needs. A linear head adds ``weight``
 existed have no ``kind`` and are linear.
 
 Each kind is a subclass of :class:`Head` that names its ``kind`` and ``payload_keys``,
-and implements :meth:`Head.to_payload` / :meth:`Head.from_payload`; defining the subclass
-registers it, and :func:`load_head` reads any kind.
+and implements :meth:`Head.to_payload` / :meth:`Head.from_payload` (numpy arrays and plain
+types both ways); defining the subclass registers it, and :func:`load_head` reads any kind,
+importing the kind's module (:data:`HEAD_KIND_MODULES`) only when it reads a file of that kind.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import tempfile
@@ -23,15 +27,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from pipeline.errors import PipeError
 from pipeline.heads.features import row_chunks, standardize
+from pipeline.heads.torch_zip import NotPlainTensors, load_plain
 
 HEAD_FORMAT = "pipe-head"
 HEAD_VERSION = 1
 _COMMON_KEYS = ("classes", "fingerprint", "source", "training")
 HEAD_KINDS: dict[str, type[Head]] = {}
+# each kind -> the module defining it: imported when a file of that kind is read, so reading a
+# linear head loads no torch and no scikit-learn
+HEAD_KIND_MODULES = {"linear": __name__, "knn": "pipeline.heads.knn", "multilabel": "pipeline.heads.multilabel"}
 
 
 def _softmax(z):
@@ -77,7 +84,7 @@ class Head:
         raise NotImplementedError
 
     def to_payload(self) -> dict:
-        """The kind's own entries of the head file (tensors and plain types)."""
+        """The kind's own entries of the head file (numpy arrays and plain types)."""
         raise NotImplementedError
 
     @classmethod
@@ -114,6 +121,8 @@ class Head:
 
     def save(self, path):
         """Write the head to ``path`` atomically (temporary file + rename), creating its folder."""
+        import torch  # writing needs it; reading a head does not
+
         path = Path(path)
         payload = {
             "format": HEAD_FORMAT,
@@ -123,7 +132,8 @@ class Head:
             "fingerprint": self.fingerprint,
             "source": self.source,
             "training": self.training,
-            **self.to_payload(),
+            **{key: torch.from_numpy(np.ascontiguousarray(value)) if isinstance(value, np.ndarray) else value
+               for key, value in self.to_payload().items()},
         }
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,10 +161,10 @@ class Head:
 def load_head(path) -> Head:
     """Read a head file of any kind; no pickled code is ever executed."""
     try:
-        payload = torch.load(path, weights_only=True, map_location="cpu")
+        payload = _read_payload(path)
     except FileNotFoundError:
         raise PipeError(f"head file {path} does not exist; train one with pipe train-head")
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, zipfile.BadZipFile):
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError, zipfile.BadZipFile):
         raise PipeError(f"{path} is not a readable head file (not a torch file, or truncated)")
     if not isinstance(payload, dict) or payload.get("format") != HEAD_FORMAT:
         raise PipeError(f"{path} is a torch file but not a pipe head; train one with pipe train-head")
@@ -164,14 +174,31 @@ def load_head(path) -> Head:
             f"version {HEAD_VERSION}; retrain with pipe train-head"
         )
     kind = payload.get("kind", "linear")
-    if kind not in HEAD_KINDS:
+    if kind not in HEAD_KIND_MODULES:
         raise PipeError(f"head {path} is of kind {kind!r}, which this pipe does not know "
-                        f"({', '.join(sorted(HEAD_KINDS))}); upgrade pipe or retrain with pipe train-head")
+                        f"({', '.join(sorted(HEAD_KIND_MODULES))}); upgrade pipe or retrain with pipe train-head")
+    importlib.import_module(HEAD_KIND_MODULES[kind])  # registers the kind
     head_cls = HEAD_KINDS[kind]
     missing = [key for key in _COMMON_KEYS + head_cls.payload_keys if key not in payload]
     if missing:
         raise PipeError(f"head {path} is missing {', '.join(missing)}; retrain with pipe train-head")
     return head_cls.from_payload(payload, str(path))
+
+
+def _read_payload(path):
+    """The head file's object, tensors as numpy arrays: read without torch where the file holds
+    only what :mod:`~pipeline.heads.torch_zip` rebuilds, else by ``torch.load(weights_only=True)``."""
+    try:
+        return load_plain(path)
+    except NotPlainTensors:
+        import torch
+
+        payload = torch.load(path, weights_only=True, map_location="cpu")
+        if not isinstance(payload, dict):
+            return payload
+        # numpy has no bfloat16: such a tensor widens to float32
+        return {key: (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+                if isinstance(value, torch.Tensor) else value for key, value in payload.items()}
 
 
 def common_fields(payload: dict, path: str) -> dict:
@@ -230,15 +257,11 @@ class LinearHead(Head):
         return _softmax(self.decision_function(X))
 
     def to_payload(self) -> dict:
-        return {
-            "weight": torch.from_numpy(np.asarray(self.weight, dtype=np.float32)),
-            "bias": torch.from_numpy(np.asarray(self.bias, dtype=np.float32)),
-            "mean": None if self.mean is None else torch.from_numpy(self.mean),
-            "std": None if self.std is None else torch.from_numpy(self.std),
-        }
+        return {key: None if getattr(self, key) is None else np.asarray(getattr(self, key), dtype=np.float32)
+                for key in LinearHead.payload_keys}
 
     @classmethod
     def from_payload(cls, payload: dict, path: str) -> LinearHead:
-        arrays = {key: None if payload[key] is None else payload[key].numpy().astype(np.float32)
+        arrays = {key: None if payload[key] is None else np.asarray(payload[key], dtype=np.float32)
                   for key in cls.payload_keys}
         return cls(**arrays, **common_fields(payload, path))

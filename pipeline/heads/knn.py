@@ -141,17 +141,17 @@ class KNNHead(Head):
 
     def to_payload(self) -> dict:
         return {
-            "references": torch.from_numpy(np.asarray(self.references, dtype=np.float16)),
-            "reference_labels": torch.from_numpy(np.asarray(self.reference_labels, dtype=np.int64)),
-            "mean": torch.from_numpy(np.asarray(self.mean, dtype=np.float32)),
+            "references": np.asarray(self.references, dtype=np.float16),
+            "reference_labels": np.asarray(self.reference_labels, dtype=np.int64),
+            "mean": np.asarray(self.mean, dtype=np.float32),
             "k": int(self.k),
             "temperature": float(self.temperature),
         }
 
     @classmethod
     def from_payload(cls, payload: dict, path: str) -> KNNHead:
-        return cls(payload["references"].numpy(), payload["reference_labels"].numpy(),
-                   payload["mean"].numpy(), int(payload["k"]), float(payload["temperature"]),
+        return cls(payload["references"], payload["reference_labels"],
+                   payload["mean"], int(payload["k"]), float(payload["temperature"]),
                    **common_fields(payload, path))
 
 

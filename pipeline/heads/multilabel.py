@@ -76,7 +76,7 @@ class MultilabelHead(LinearHead):
         return [(self.classes[c], float(probabilities[c])) for c in above[np.argsort(-probabilities[above])]]
 
     def to_payload(self) -> dict:
-        return {**super().to_payload(), "thresholds": torch.from_numpy(np.asarray(self.thresholds, np.float32))}
+        return {**super().to_payload(), "thresholds": np.asarray(self.thresholds, np.float32)}
 
 
 def f1_thresholds(targets, proba):

@@ -26,7 +26,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold
 
 from pipeline.errors import PipeError
 from pipeline.heads.features import take_rows
@@ -179,6 +178,8 @@ def kfold_masks(pool, seed=0):
     """Seeded stratified k-fold over ``pool`` (labels), k = min(``MAX_FOLDS``, smallest class
     count): one boolean mask per fold, True where a row is scored. Every class needs at least
     2 rows."""
+    from sklearn.model_selection import StratifiedKFold  # scikit-learn loads when folds are made
+
     counts = np.bincount(pool)
     k = min(MAX_FOLDS, int(counts[counts > 0].min()))
     folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(pool)), pool)

@@ -10,11 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from ..heads import LinearClassifier
-from ..heads.knn import unit_rows
-from ..heads.multinomial import one_thread
 from ..heads.selection import kfold_masks, split_parts
 from ..rows import row_chunks
 from ..store import FeatureSet
@@ -66,6 +62,9 @@ def out_of_fold_probabilities(X, y, n_classes, strength, seed=0):
     """Class probabilities (N, ``n_classes``) of every row of ``(X, y)`` from a linear head
     (L2 ``strength``, gradient tolerance ``ISSUE_TOL``, one thread) fitted on the other folds of a stratified k-fold split
     (:func:`~pipeline.heads.selection.kfold_masks`). Every class needs 2 rows."""
+    from ..heads.multinomial import one_thread  # torch: imported when the search runs, not with the report
+    from ..heads.probes import LinearClassifier
+
     proba = np.zeros((len(y), n_classes), dtype=np.float32)  # classes a fold lacks stay at 0
     with one_thread():
         for mask in kfold_masks(y, seed):
@@ -165,6 +164,10 @@ def nearest_earlier(features: FeatureSet, queries=None):
     ``REFERENCE_ROWS`` at a time, and compared with all of them. Returns ``(rows, matches,
     cosines)``; a query with no earlier row gets no entry.
     """
+    import torch  # imported when the search runs, not with the report
+
+    from ..heads.knn import unit_rows
+
     order = np.array([SPLITS.index(s) for s in features.split], dtype=np.int8)
     if queries is None:
         queries = np.flatnonzero(order > 0)

@@ -159,10 +159,12 @@ def check_labels(path, labels: np.ndarray, classes: list[str], targets: np.ndarr
                         "which rewrites the labels and keeps the features")
 
 
-def read_features(path, with_features: bool = True, checked: bool = True) -> FeatureSet:
+def read_features(path, with_features: bool = True, checked: bool = True, with_paths: bool = True) -> FeatureSet:
     """Read and validate a feature file; a missing, truncated or foreign file is a PipeError,
     and so (unless ``checked`` is False, for the extraction that rewrites them) is a label
-    outside the class list (:func:`check_labels`)."""
+    outside the class list (:func:`check_labels`). Without ``with_paths``, the images' ``paths``,
+    ``size`` and ``mtime_ns`` are left None: commands that only count or score rows skip
+    reading a string per image."""
     path = Path(path)
     if not path.is_file():
         raise PipeError(f"feature file {path} does not exist; run `pipe extract` first")
@@ -182,10 +184,10 @@ def read_features(path, with_features: bool = True, checked: bool = True) -> Fea
                 path=path,
                 features=f["features"][:].astype(np.float32) if with_features else None,
                 labels=f["labels"][:],
-                paths=f["paths"].asstr()[:],
+                paths=f["paths"].asstr()[:] if with_paths else None,
                 split=f["split"].asstr()[:],
-                size=f["file_size"][:],
-                mtime_ns=f["file_mtime_ns"][:],
+                size=f["file_size"][:] if with_paths else None,
+                mtime_ns=f["file_mtime_ns"][:] if with_paths else None,
                 classes=attrs["classes"],
                 attrs=attrs,
                 failed_paths=list(failed["paths"].asstr()[:]),
