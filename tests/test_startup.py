@@ -72,6 +72,17 @@ def test_the_report_starts_its_work_before_loading_torch_or_scikit_learn():
     assert json.loads(done.stdout) == []
 
 
+def test_the_default_backbone_builds_and_runs_without_timm_or_torchvision():
+    """efficientnet_lite0 is pipe's own network: building it costs no timm/torchvision import."""
+    code = ("import sys, json, torch; from pipeline.backbones import resolve_backbone; "
+            "backbone = resolve_backbone('efficientnet_lite0', image_size=32).build(); "
+            "assert backbone.module.eval()(torch.rand(1, 3, 32, 32)).shape == (1, 1280); "
+            f"print(json.dumps(sorted(set({list(HEAVY)!r}) & set(sys.modules))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == ["torch"]
+
+
 def test_an_extraction_with_nothing_to_do_does_not_load_torch(trained):
     data, root = trained
     assert loaded("extract", data, "--out", root / "f.h5", *FAST_EXTRACT) == []
