@@ -159,7 +159,7 @@ def check_labels(path, labels: np.ndarray, classes: list[str], targets: np.ndarr
                         "which rewrites the labels and keeps the features")
 
 
-def read_features(path, with_features: bool = True, checked: bool = True, with_paths: bool = True) -> FeatureSet:
+def read_features(path, with_features: bool = True, checked: bool = True, *, with_paths: bool = True) -> FeatureSet:
     """Read and validate a feature file; a missing, truncated or foreign file is a PipeError,
     and so (unless ``checked`` is False, for the extraction that rewrites them) is a label
     outside the class list (:func:`check_labels`). Without ``with_paths``, the images' ``paths``,
