@@ -4,9 +4,11 @@ import json
 
 import numpy as np
 import pytest
+from sklearn import metrics
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
-from pipeline.metrics import bootstrap_intervals, classification_report, format_report, resample_scores
+from pipeline.metrics import (bootstrap_intervals, classification_report, format_report, multilabel_report,
+                              resample_scores)
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog"]
 
@@ -45,6 +47,32 @@ def test_report_matches_hand_counts():
     # recall per class present in y_true: airplane 1/2, automobile 1, bird 0, cat 1, dog 0
     assert report["balanced_accuracy"] == (0.5 + 1 + 0 + 1 + 0) / 5
     assert json.loads(json.dumps(report)) == report
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_counts_equal_scikit_learns_including_classes_never_predicted_or_absent(seed):
+    """pipe counts its metrics with numpy (no scikit-learn import for evaluate); they must be
+    scikit-learn's, zero_division=0 included."""
+    rng = np.random.default_rng(seed)
+    y = rng.choice([0, 1, 2, 4, 6], 50)  # classes 3 and 5 absent
+    proba = rng.dirichlet(np.ones(7) * 0.3, 50)
+    proba[:, 5] = 0  # never predicted
+    report = classification_report(y, proba, [f"c{i}" for i in range(7)])
+    labels, y_pred = np.arange(7), proba.argmax(1)
+    p, r, f, n = metrics.precision_recall_fscore_support(y, y_pred, labels=labels, zero_division=0)
+    np.testing.assert_allclose([list(row.values()) for row in report["per_class"].values()], np.c_[p, r, f, n])
+    assert report["confusion_matrix"] == metrics.confusion_matrix(y, y_pred, labels=labels).tolist()
+    assert report["top5_accuracy"] == pytest.approx(metrics.top_k_accuracy_score(y, proba, k=5, labels=labels))
+    assert report["macro_f1"] == pytest.approx(f.mean()) and report["accuracy"] == accuracy_score(y, y_pred)
+    targets = (rng.random((50, 4)) < [0.5, 0.1, 0.0, 0.9]).astype(np.uint8)  # class c never positive
+    scores, thresholds = rng.random((50, 4)), np.array([0.5, 0.3, 0.2, 0.7])
+    multi = multilabel_report(targets, scores, thresholds, list("abcd"))
+    predicted = (scores >= thresholds).astype(np.uint8)
+    p, r, f, n = metrics.precision_recall_fscore_support(targets, predicted, zero_division=0)
+    np.testing.assert_allclose([[row[k] for k in ("precision", "recall", "f1", "support")]
+                                for row in multi["per_class"].values()], np.c_[p, r, f, n])
+    assert multi["micro_f1"] == pytest.approx(metrics.f1_score(targets, predicted, average="micro", zero_division=0))
+    assert multi["macro_f1"] == pytest.approx(f.mean())
 
 
 def test_top5_is_none_with_five_classes_or_fewer():

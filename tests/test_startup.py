@@ -1,6 +1,8 @@
 """Commands import only what they use: those that run no model never load torchvision, timm or
-``torch._dynamo`` (together about 1.5 s of start-up on the 2-core reference machine), and an
-extraction with nothing to do never loads torch. Each command runs in a fresh process, as typed."""
+``torch._dynamo`` (together about 1.5 s of start-up on the 2-core reference machine); ``info``
+and ``evaluate`` of a linear head load neither torch nor scikit-learn (2-2.5 s more), and the
+report starts its work before loading them; an extraction with nothing to do never loads torch.
+Each command runs in a fresh process, as typed."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import pytest
 
 from conftest import FAST_EXTRACT
 
-HEAVY = ("torch", "torchvision", "timm", "torch._dynamo")
+HEAVY = ("torch", "torchvision", "timm", "torch._dynamo", "sklearn", "scipy")
 
 # `pipe ARGS` in this process, then the heavy modules it loaded, as JSON on the last line of stderr
 RUN = r"""
@@ -50,6 +52,35 @@ def test_commands_that_run_no_model_load_no_model_library(trained):
                  ("report", "--features", features, "--head", head, "--out", root / "r.html"),
                  ("train-head", features, "--out", root / "again.pt", "--grid", "0.1")):
         assert not {"torchvision", "timm", "torch._dynamo"} & set(loaded(*args)), args
+
+
+def test_info_and_evaluate_of_a_linear_head_load_neither_torch_nor_scikit_learn(trained):
+    _, root = trained
+    features, head = root / "f.h5", root / "head.pt"
+    for args in (("info", features), ("info", head), ("evaluate", "--features", features, "--head", head),
+                 ("evaluate", "--features", features, "--head", head, "--ci", "--json", root / "m.json")):
+        assert loaded(*args) == [], args
+    assert json.loads((root / "m.json").read_text())["accuracy_ci95"]
+
+
+def test_the_report_starts_its_work_before_loading_torch_or_scikit_learn():
+    """Everything `pipe report` imports before it enters write_report (its searches load torch later)."""
+    code = ("import sys, json; import pipeline.cli, pipeline.report.page; "
+            f"print(json.dumps(sorted(set({list(HEAVY)!r}) & set(sys.modules))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == []
+
+
+def test_the_default_backbone_builds_and_runs_without_timm_or_torchvision():
+    """efficientnet_lite0 is pipe's own network: building it costs no timm/torchvision import."""
+    code = ("import sys, json, torch; from pipeline.backbones import resolve_backbone; "
+            "backbone = resolve_backbone('efficientnet_lite0', image_size=32).build(); "
+            "assert backbone.module.eval()(torch.rand(1, 3, 32, 32)).shape == (1, 1280); "
+            f"print(json.dumps(sorted(set({list(HEAVY)!r}) & set(sys.modules))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == ["torch"]
 
 
 def test_an_extraction_with_nothing_to_do_does_not_load_torch(trained):

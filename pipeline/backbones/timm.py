@@ -181,7 +181,8 @@ def default_pool(model: nn.Module) -> str | None:
 TIMM_GLOBAL_POOL = {"cls": "token", "mean-tokens": "avg", "avg": "avg", "max": "max"}
 
 
-def _layer_index(spec, layers: list[str]) -> int:
+def layer_index(spec, layers: list[str]) -> int:
+    """The index in ``layers`` of ``spec.layer`` (a name or an index); PipeError naming the layers."""
     if spec.layer in layers:
         return layers.index(spec.layer)
     if spec.layer.lstrip("-").isdigit() and -len(layers) <= int(spec.layer) < len(layers):
@@ -248,7 +249,7 @@ class TimmFamily(Family):
     def feature_module(self, spec, device) -> Features:
         if spec.layer:
             layers = feature_layers(self._structure(spec))
-            index = _layer_index(spec, layers)
+            index = layer_index(spec, layers)
             check_pool(spec.pool, SPATIAL_POOLS, f"layer {spec.layer} of {spec.name} (a feature map)")
             net = self._create(spec, device, features_only=True, out_indices=(index,))
             channels_last = str(getattr(net, "output_fmt", "NCHW")).endswith("NHWC")

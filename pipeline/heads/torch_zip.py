@@ -45,7 +45,7 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=No
     itemsize = storage.itemsize
     view = np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
                                            strides=tuple(s * itemsize for s in stride))
-    return np.array(view)  # owns its memory, writable, C-contiguous
+    return view if view.flags.c_contiguous else view.copy()  # C order; no copy of a storage laid out so
 
 
 class _Unpickler(pickle.Unpickler):
