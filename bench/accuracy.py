@@ -45,6 +45,7 @@ RECIPES = {  # name -> (make-dataset arguments, {head name: train-head options},
               {"linear": (), "knn": ("--head", "knn")}, ("--ci",)),
 }
 EXTRACTED = re.compile(r"\(([\d.]+) s, ([\d.]+) img/s\)")  # the end of `pipe extract`'s summary line
+REPORTED = re.compile(r"(\d+) mistakes, (\d+) label issues, (\d+) duplicates.*\(([\d.]+) MB, ([\d.]+) s\)", re.S)
 
 
 def pipe(*args) -> dict:
@@ -76,6 +77,9 @@ def run_recipe(name: str, work: Path) -> dict:
         result["commands"]["report"] = pipe("report", "--features", features, "--head", head,
                                             "--out", work / name / "report.html", "-q")
         result["report_bytes"] = (work / name / "report.html").stat().st_size
+        if match := REPORTED.search(result["commands"]["report"]["output"]):  # what `pipe report` prints
+            result["report"] = dict(zip(("mistakes", "label_issues", "duplicates"), map(int, match.groups()[:3])),
+                                    seconds=float(match.group(5)))
         result["commands"]["extract again"] = pipe("extract", data, "--model", MODEL, "--out", features, "-q")
     return result
 
