@@ -82,14 +82,28 @@ class EvalTransform:
 
     def pixels(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         """PIL image or (3, H, W) uint8 tensor (on any device) -> (3, crop, crop) uint8 tensor,
-        resized with antialiasing and centre-cropped. (torchvision is imported here, not with the
-        module: the report reads images with :func:`open_rgb` and never needs it.)"""
+        resized with antialiasing and centre-cropped: torchvision's ``Resize`` + ``CenterCrop``,
+        pixel for pixel (tests/test_data.py compares them). A PIL image is resized by PIL, as
+        torchvision does it, without importing torchvision (with torch._dynamo, 1.8 s of start-up
+        in every decoding process); a tensor (decoded on a GPU) by torchvision."""
+        if isinstance(image, Image.Image):
+            return self._pil_pixels(image)
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms.v2 import functional as TF
 
         image = TF.resize(image, self.resize, interpolation=InterpolationMode(self.interpolation), antialias=True)
-        image = TF.center_crop(image, [self.crop, self.crop])
-        return image if isinstance(image, torch.Tensor) else TF.pil_to_tensor(image)
+        return TF.center_crop(image, [self.crop, self.crop])
+
+    def _pil_pixels(self, image: Image.Image) -> torch.Tensor:
+        width, height = image.size
+        short, long = sorted((width, height))
+        size = (self.resize, int(self.resize * long / short))  # torchvision's rounding: down
+        size = size if width <= height else size[::-1]
+        if size != image.size:
+            image = image.resize(size, Image.Resampling[self.interpolation.upper()])
+        left, top = (int(round((side - self.crop) / 2.0)) for side in size)
+        pixels = np.asarray(image.crop((left, top, left + self.crop, top + self.crop)))
+        return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 
     def normalize(self, batch: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
         """(N, 3, H, W) uint8 -> normalised float, on whatever device ``batch`` is on."""

@@ -7,10 +7,11 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import COLOURS, write_image
-from pipeline.data import open_rgb
+from pipeline.data import EvalTransform, open_rgb
 from pipeline.scan import scan_image_folder, stratified_split
 from pipeline.errors import PipeError
 
@@ -189,3 +190,19 @@ def test_jpeg_draft_is_at_least_the_asked_size(tmp_path, size):
 def test_draft_size_is_ignored_for_non_jpeg(tmp_path):
     path = write_image(tmp_path / "big.png", RED, size=(300, 200))
     assert open_rgb(path, draft_size=50).size == (300, 200)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_pixels_of_a_pil_image_are_torchvisions_resize_and_centre_crop_exactly(interpolation):
+    """pipe resizes PIL images without importing torchvision; the pixels must be torchvision's."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    transform = EvalTransform(232, 224, (0.5,) * 3, (0.5,) * 3, interpolation)
+    rng = np.random.default_rng(0)
+    for width, height in [(640, 480), (480, 641), (233, 1000), (232, 232), (231, 240), (100, 57), (2600, 1733)]:
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        expected = TF.pil_to_tensor(TF.center_crop(
+            TF.resize(image, 232, interpolation=InterpolationMode(interpolation), antialias=True), [224, 224]))
+        got = transform.pixels(image)
+        assert got.dtype == torch.uint8 and torch.equal(got, expected), (width, height)

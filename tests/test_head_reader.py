@@ -95,3 +95,17 @@ def test_a_pickle_naming_code_is_refused_and_never_run(tmp_path, capsys):
     with pytest.raises(PipeError, match="evil.pt is not a readable head file"):
         load_head(tmp_path / "evil.pt")
     assert "must never run" not in capsys.readouterr().out
+
+
+def test_every_kind_of_head_is_found_in_the_module_load_head_imports_for_it():
+    """load_head imports a kind's module only for a file of that kind: the map must be right."""
+    import importlib
+
+    import pipeline.heads
+    from pipeline.heads.head_file import HEAD_KIND_MODULES, HEAD_KINDS
+
+    for name in pipeline.heads.__all__:
+        getattr(pipeline.heads, name)  # imports every module that defines a kind
+    assert set(HEAD_KINDS) == set(HEAD_KIND_MODULES)
+    for kind, module in HEAD_KIND_MODULES.items():
+        assert HEAD_KINDS[kind].__module__ == importlib.import_module(module).__name__, kind
