@@ -2,7 +2,7 @@
 
     python bench/export.py                                        # batch 32, 224 px, 7 rounds
     python bench/export.py --json bench/results/export-cpu-2core.json
-    python bench/export.py --exporters                            # export time: torch's two ONNX exporters
+    python bench/export.py --exporters [--json F]                 # export time: torch's two ONNX exporters
 
 One process, one batch of real photos (scikit-image and scikit-learn sample photos, resized and
 centre-cropped by pipe's eval transform into uint8 pixels), the packaged efficientnet_lite0
@@ -189,8 +189,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         head = random_head(spec, Path(folder) / "head.pt")
         if args.exporters:
-            for name, seconds in exporter_seconds(head, Path(folder)).items():
+            exporters = exporter_seconds(head, Path(folder))
+            for name, seconds in exporters.items():
                 print(f"{name}: " + ", ".join(f"{s:.1f} s" for s in seconds))
+            if args.json:
+                args.json.write_text(json.dumps({"model": MODEL, "cpu": cpu_description(), "torch": torch.__version__,
+                                                 "load_average_at_end": os.getloadavg()[0],
+                                                 "exporter_seconds": exporters}, indent=2) + "\n")
             return
         results = measure(sides(head, Path(folder)), pixels, args.rounds)
     pipe_rate = results["pipe"]["images_per_second"]

@@ -19,11 +19,19 @@ its defaults: 5 shot counts x ``--draws`` trials), for the linear head alone, th
 and both, one after the other in one run, and prints each curve's means:
 
     python bench/fewshot.py --command --features /work/data/fmnist-200-100.h5 [--json ...]
+
+With ``--standardisation`` it measures what shrinking each dimension's variance toward the
+mean variance does (:data:`pipeline.heads.features.VARIANCE_PRIOR_ROWS`): on the same draws of
+2 to 100 training images per class, pipe's head as ``train-head`` fits it and the same head
+standardised by each dimension's own std (no shrinkage), both scored on the test split:
+
+    python bench/fewshot.py --standardisation --features FMNIST-200-100.h5 [--draws 5] [--json ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -38,8 +46,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.fewshot import draw, run_fewshot  # noqa: E402
 from pipeline.heads import make_estimator  # noqa: E402
+from pipeline.heads import probes  # noqa: E402  (the module: the standardisation comparison patches it)
+from pipeline.heads.features import VARIANCE_PRIOR_ROWS, feature_stats  # noqa: E402
 
 SHOTS = (1, 2, 5, 10)
+STANDARDISATION_SHOTS = (2, 5, 10, 20, 50, 100)
 
 
 def read_splits(path):
@@ -102,20 +113,62 @@ def time_command(features, trials):
     return {"features": str(features), "trials": trials, "threads": torch.get_num_threads(), "runs": runs}
 
 
+def compare_standardisation(splits, draws):
+    """Test accuracy of pipe's head with shrunk variances (its default) and with each
+    dimension's own variance, on the same seeded draws: ``{"table": [...], "rows": [...]}``."""
+    (X_pool, y_pool), (X_test, y_test) = splits["train"], splits["test"]
+    variants = {"shrunk": VARIANCE_PRIOR_ROWS, "own_std": 0}
+    rows = []
+    for shots in STANDARDISATION_SHOTS:
+        for seed in range(draws):
+            picked = draw(y_pool, shots, seed)
+            row = {"shots": shots, "seed": seed}
+            for name, prior_rows in variants.items():
+                # the probe standardises with feature_stats; this variant only changes its prior
+                probes.feature_stats = functools.partial(feature_stats, prior_rows=prior_rows)
+                try:
+                    row[name] = pipe_head(X_pool[picked], y_pool[picked], X_test, y_test)
+                finally:
+                    probes.feature_stats = feature_stats
+            rows.append(row)
+    print(f"mean test accuracy over {draws} draws, pipe's head (strength chosen as train-head does)")
+    print("| images per class | each dimension's own std | shrunk toward the mean (pipe) |")
+    print("|---|---|---|")
+    table = []
+    for shots in STANDARDISATION_SHOTS:
+        group = [r for r in rows if r["shots"] == shots]
+        entry = {"shots": shots, **{name: summary([r[name]["accuracy"] for r in group]) for name in variants}}
+        table.append(entry)
+        print(f"| {shots} | {entry['own_std']['mean']:.3f} | {entry['shrunk']['mean']:.3f} |")
+    return {"prior_rows": VARIANCE_PRIOR_ROWS, "table": table, "rows": rows}
+
+
+def write_json(path, report):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--features", required=True)
     parser.add_argument("--draws", type=int, default=5)
     parser.add_argument("--json", default=None)
     parser.add_argument("--command", action="store_true", help="time pipe fewshot instead")
+    parser.add_argument("--standardisation", action="store_true",
+                        help="compare shrunk and per-dimension variances instead")
     args = parser.parse_args()
     if args.command:
         report = time_command(args.features, args.draws)
         if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(report, indent=2))
+            write_json(args.json, report)
         return
     splits, model = read_splits(args.features)
+    if args.standardisation:
+        report = compare_standardisation(splits, args.draws)
+        if args.json:
+            write_json(args.json, {"features": args.features, "model": model, "test_images": int(len(splits["test"][1])),
+                                   "draws": args.draws, "threads": torch.get_num_threads(), **report})
+        return
     X_pool, y_pool = splits["train"]
     X_test, y_test = splits["test"]
     rows = []
@@ -154,10 +207,8 @@ def main():
         print(f"| {shots} | {pipe['mean']:.3f} ({pipe['min']:.3f}-{pipe['max']:.3f}) | {method} | "
               f"{cells[0]} | {cells[1]} | {diff} |")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({
-            "features": args.features, "model": model, "test_images": int(len(y_test)), "draws": args.draws,
-            "threads": torch.get_num_threads(), "table": table, "rows": rows}, indent=2))
+        write_json(args.json, {"features": args.features, "model": model, "test_images": int(len(y_test)),
+                               "draws": args.draws, "threads": torch.get_num_threads(), "table": table, "rows": rows})
 
 
 if __name__ == "__main__":

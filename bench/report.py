@@ -43,20 +43,21 @@ def timed(function, *args):
 
 
 def stages(features_path, head_path):
-    """Seconds of each stage of the report, run one by one in this process."""
+    """Seconds of each stage of the report, run one by one in this process, and how many
+    label issues the search flagged."""
     features, read_s = timed(read_features, features_path)
     head = load_head(head_path)
     rows = features.row_indices("test")
     proba, predict_s = timed(head.predict_proba, features.features[rows])
     _, bootstrap_s = timed(bootstrap_intervals, features.labels[rows], proba)
     _, embed_s = timed(embed, features.features[rows])
-    _, issues_s = timed(find_label_issues, features, head.training.get("strength", DEFAULT_STRENGTH))
+    issues, issues_s = timed(find_label_issues, features, head.training.get("strength", DEFAULT_STRENGTH))
     _, duplicates_s = timed(find_duplicates, features, features.attrs["data_root"])
     data, gather_s = timed(gather, features_path, head_path)
     _, render_s = timed(render, data)
     return {"read": read_s, "predict": predict_s, "bootstrap": bootstrap_s, "embedding": embed_s,
             "label_issues": issues_s, "duplicates": duplicates_s, "gather (all of the above)": gather_s,
-            "render (thumbnails, charts, HTML)": render_s}
+            "render (thumbnails, charts, HTML)": render_s}, {"label_issues": len(issues.rows)}
 
 
 def screenshot(page: Path, png: Path, width=1280, height=2400):
@@ -89,11 +90,11 @@ def main():
             walls.append(time.perf_counter() - started)
         print(run.stdout.strip())
         size = page.stat().st_size
-        parts = stages(args.features, head)
+        parts, found = stages(args.features, head)
         if args.screenshot:
             screenshot(page, Path(args.screenshot))
     results = {"features": args.features, "runs": args.runs, "pipe_report_seconds": walls,
-               "median_seconds": statistics.median(walls), "bytes": size, "stages_seconds": parts,
+               "median_seconds": statistics.median(walls), "bytes": size, "stages_seconds": parts, "found": found,
                "load_average": os.getloadavg(), "cpus": os.cpu_count()}
     print(f"pipe report: median {results['median_seconds']:.1f} s over {args.runs} runs "
           f"({', '.join(f'{w:.1f}' for w in walls)}), page {size / 1e6:.2f} MB")

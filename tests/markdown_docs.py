@@ -18,6 +18,11 @@ from::
 Each entry is ``SHOWN = KEY/PATH`` with an optional ``* FACTOR``, one a line or several separated
 by ``;``; keys may hold ``/`` themselves (``c/achievable``), list items are numbers. Several
 annotations may be stacked before one block.
+
+A table of measured figures (one with a decimal number outside code spans) on
+the pages that quote measurements needs, in the comments right before it, a figure annotation,
+or ``<!-- illustrative: REASON -->`` (made-up numbers) or ``<!-- unchecked: REASON -->``
+(measured, not yet tied to a results file), the reason required.
 """
 
 from __future__ import annotations
@@ -293,6 +298,67 @@ def check_figure(figure: Figure) -> str | None:
     if not re.search(rf"(?<![\d.]){re.escape(figure.shown)}(?!\d|\.\d)", figure.covered):
         return f"{figure.where}: {figure.shown} does not appear in the table or paragraph after the annotation"
     return None
+
+
+MEASURED = re.compile(r"(?<![\w.])\d[\d,]*\.\d+")  # 0.871, 3,542.1; not 2026-11-30 or 224
+TABLE_ROW = re.compile(r"^\s*\|")
+TABLE_RULE = re.compile(r"^\s*\|?\s*:?-{3,}")
+TABLE_MARKERS = re.compile(r"(figures\s+\S|(illustrative|unchecked):\s*\S)")
+
+
+@dataclass
+class Table:
+    """One Markdown table of a file's prose and the comments stacked right before it."""
+
+    path: Path
+    line: int  # 1-based line of its header row
+    text: str
+    comments: list[str]
+
+    @property
+    def where(self) -> str:
+        return f"{shown_name(self.path)}:{self.line}"
+
+
+def _comments_before(lines: list[str], index: int) -> list[str]:
+    """The HTML comments stacked before ``lines[index]``, blank lines between them allowed."""
+    comments = []
+    while True:
+        while index > 0 and not lines[index - 1].strip():
+            index -= 1
+        comment = _comment_before(lines, index)
+        if comment is None:
+            return comments
+        comments.append(comment)
+        index -= 1
+        while "<!--" not in lines[index]:
+            index -= 1
+
+
+def tables(path: Path) -> list[Table]:
+    """Every table of a Markdown file's prose (a header row, then a ``|---|`` rule)."""
+    lines = prose(path).split("\n")
+    found, i = [], 0
+    while i < len(lines):
+        if TABLE_ROW.match(lines[i]) and i + 1 < len(lines) and TABLE_RULE.match(lines[i + 1]):
+            end = i + 2
+            while end < len(lines) and TABLE_ROW.match(lines[end]):
+                end += 1
+            found.append(Table(path, i + 1, "\n".join(lines[i:end]), _comments_before(lines, i)))
+            i = end
+        else:
+            i += 1
+    return found
+
+
+def unannotated(table: Table) -> str | None:
+    """Why a table of measured figures is neither annotated nor marked, or None."""
+    if not MEASURED.search(re.sub(r"`[^`]*`", "", table.text)):
+        return None
+    if any(TABLE_MARKERS.match(comment) for comment in table.comments):
+        return None
+    return (f"{table.where}: a table of measured figures needs <!-- figures bench/results/FILE.json ... --> "
+            "right before it (or <!-- unchecked: REASON --> / <!-- illustrative: REASON -->)")
 
 
 def slug(heading: str) -> str:

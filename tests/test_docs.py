@@ -6,7 +6,8 @@ block).
   commands run command by command, in order, in one temporary folder per page (see
   :func:`workspace`); ``python`` blocks run there with ``pipeline`` importable.
 * Every ``pipe COMMAND --option`` the docs name exists in the CLI.
-* Every annotated figure matches its file in bench/results/.
+* Every annotated figure matches its file in bench/results/, and every table of measured figures
+  on the pages that quote them is annotated (or marked with the reason it is not).
 * Every relative link resolves, and every command's ``--help`` names an existing page.
 """
 
@@ -25,11 +26,12 @@ import pytest
 
 from conftest import COLOURS, FAST_BACKBONE, invoke, make_image_folder, write_image
 from markdown_docs import (ROOT, Block, bare_options, broken_link, check_figure, command_lines, doc_files,
-                           fenced_blocks, figures, links, pipe_calls, split_command)
+                           fenced_blocks, figures, links, pipe_calls, split_command, tables, unannotated)
 from pipeline.cli import main
 from pipeline.cli_options import DOCS_INDEX, DOCS_PAGES
 
 DOCS = doc_files()
+MEASURED_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("performance*.md"))]  # pages that quote runs
 BACKBONE_OPTIONS = ("--model", "--weights", "--image-size")  # replaced by FAST_BACKBONE
 TINY_DATASET = ("--train-per-class", "3", "--test-per-class", "2")  # pipe make-dataset
 
@@ -229,6 +231,25 @@ def test_a_figure_that_disagrees_with_its_file_is_caught(tmp_path):
     problems = [check_figure(f) for f in figures(page)]
     assert "gives 0.896664" in problems[0]  # the number is wrong
     assert "does not appear" in problems[1]  # the number is right but not in the table
+
+
+def test_every_table_of_measured_figures_is_annotated():
+    """On the README and the performance pages, a table with a measured number says which
+    results file it comes from, so that test above checks it, or says why not."""
+    checked = [t for path in MEASURED_PAGES for t in tables(path)]
+    problems = [p for p in map(unannotated, checked) if p]
+    assert not problems, "\n".join(problems)
+    assert len(checked) > 20
+
+
+def test_an_unannotated_table_of_figures_is_caught(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("| run | s |\n|---|---|\n| a | 1.5 |\n\n"  # measured, bare: caught
+                    "<!-- unchecked: re-measured later -->\n\n| run | s |\n|---|---|\n| b | 2.5 |\n\n"
+                    "<!-- unchecked: -->\n| run | s |\n|---|---|\n| c | 3.5 |\n\n"  # no reason: caught
+                    "<!-- figures bench/results/x.json\n1.5 = a\n-->\n| run | s |\n|---|---|\n| d | 1.5 |\n\n"
+                    "| option | default |\n|---|---|\n| `--tol` | `1e-4`, `0.5` |\n")  # no measurement
+    assert [t.line for t in tables(page) if unannotated(t)] == [1, 12]
 
 
 def test_links_resolve():
