@@ -38,7 +38,7 @@ DOCS_PAGES = {
     "compare": "docs/heads.md#comparing-backbones",
     "info": "docs/formats.md",
     "models": "docs/backbones.md",
-    "bench": "docs/performance.md#why-cache-fine-tuning-vs-frozen-vs-cached-on-your-own-data",
+    "bench": "docs/performance-heads.md#why-cache-fine-tuning-vs-frozen-vs-cached-on-your-own-data",
     "make-dataset": "README.md#a-one-minute-tour",
 }
 
