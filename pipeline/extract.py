@@ -20,7 +20,8 @@ from .errors import PipeError
 from .forward import check_precision
 from .manifest import read_manifest
 from .scan import display_path, scan_image_folder, split_warnings
-from .store import FEATURE_DTYPES, ExtractionCache, Rows, extraction_record, is_up_to_date, stored_precision
+from .store import (FEATURE_DTYPES, ExtractionCache, Rows, extraction_record, is_up_to_date, stored_backbone,
+                    stored_precision)
 
 # torch is imported only once there is work to do: an up-to-date run stays fast
 if TYPE_CHECKING:
@@ -123,10 +124,28 @@ def extract_features(
     if not manifest.given_splits:
         warnings += split_warnings(labels if targets is None else targets, split, len(manifest.classes),
                                    split_fractions)
-    if not overwrite and int(os.environ.get("WORLD_SIZE", "1")) == 1 and \
-            is_up_to_date(out, request, rows, labels, split, manifest.classes, targets):
+    single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    if not overwrite and single and is_up_to_date(out, request, rows, labels, split, manifest.classes, targets):
         return ExtractSummary(out=Path(out), total=len(rows.paths), extracted=0, reused=len(rows.paths),
                               seconds=time.perf_counter() - started, written=False, warnings=warnings)
+
+    def file_attrs(backbone: dict, extraction: dict | None) -> dict:
+        """The feature file's attributes: the backbone's (:data:`~pipeline.store.BACKBONE_ATTRS`) and this run's."""
+        return {
+            "classes": manifest.classes, **backbone, "dtype": dtype, "pipe_version": __version__,
+            "data_root": str(manifest.root.resolve()), "split_seed": seed, "split_fractions": list(split_fractions),
+            "given_splits": manifest.given_splits, "request": request, **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {}),
+            **({"manifest": str(Path(manifest_file).resolve())} if manifest_file is not None else {}),
+            "extraction": extraction,
+        }
+
+    stored = None if overwrite or not single else stored_backbone(out, request)
+    if stored is not None:  # the same extraction made the file: if it holds every image, only labels change
+        relabelled = _relabel(out, stored, dtype, rows, labels, split, targets, file_attrs(stored, None))
+        if relabelled is not None:
+            return ExtractSummary(out=Path(out), total=len(rows.paths), extracted=0, reused=len(rows.paths),
+                                  failed=relabelled.failed, seconds=time.perf_counter() - started,
+                                  written=relabelled.written, warnings=warnings)
     from .backbones import resolve_backbone
     from .distributed import Workers
     from .forward import resolve_precision
@@ -163,15 +182,11 @@ def extract_features(
             path, reason = failed[0]
             raise PipeError(f"{len(failed)} image(s) could not be read (first: {path}: {reason}); "
                             "fix or remove them, or drop --strict (progress so far is kept)")
-        attrs = {
-            "classes": manifest.classes, "model": spec.name, "weights": spec.weights.given, "weights_id": spec.weights.id,
-            "transform": spec.transform.to_dict(), "identity": spec.identity, "fingerprint": spec.fingerprint,
-            "dtype": dtype, "precision": spec.precision, "pipe_version": __version__, "data_root": str(manifest.root.resolve()),
-            "split_seed": seed, "split_fractions": list(split_fractions), "given_splits": manifest.given_splits,
-            "request": request, **({"shard": f"{shard[0]}/{shard[1]}"} if shard else {}),
-            **({"manifest": str(Path(manifest_file).resolve())} if manifest_file is not None else {}),
-            "extraction": extraction_record(len(todo) - len(failed), sum(seconds for _, seconds in shares), target.type),
-        }
+        backbone = {"model": spec.name, "weights": spec.weights.given, "weights_id": spec.weights.id,
+                    "transform": spec.transform.to_dict(), "identity": spec.identity, "fingerprint": spec.fingerprint,
+                    "precision": spec.precision}
+        attrs = file_attrs(backbone, extraction_record(len(todo) - len(failed), sum(seconds for _, seconds in shares),
+                                                       target.type))
         committed = group.leader_then_all(lambda: cache.commit(rows, labels, split, attrs, targets))
     finally:
         cache.release()
@@ -180,6 +195,20 @@ def extract_features(
                           reused=len(rows.paths) - len(todo), failed=committed.failed,
                           seconds=time.perf_counter() - started, written=committed.written, rank=group.rank,
                           warnings=warnings)
+
+
+def _relabel(out, stored: dict, dtype: str, rows: Rows, labels, split, targets, attrs: dict):
+    """Commit ``rows`` with new labels and splits when ``out`` (made with the backbone ``stored``)
+    already holds every one of them: no model runs, so neither it nor torch is loaded. Returns
+    the :class:`~pipeline.store.CommitResult`, or None when some image still needs extracting."""
+    cache = ExtractionCache(out, stored["identity"], stored["fingerprint"], dtype)
+    try:
+        cache.acquire()  # under the lock: what the file holds cannot change until the commit
+        if not set(rows.keys()) <= cache.done_keys():
+            return None
+        return cache.commit(rows, labels, split, attrs, targets)
+    finally:
+        cache.release()
 
 
 def _request(model, weights, image_size, dtype, layer, pool, tta, full_decode, precision) -> dict:

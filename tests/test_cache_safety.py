@@ -277,6 +277,30 @@ def test_up_to_date_run_is_quick_and_never_loads_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert "up to date" in result.stdout and "torch not loaded" in result.stdout
-    (data / "a" / "000.png").unlink()  # any change takes the full path again
+    (data / "a" / "000.png").unlink()  # the file must be rewritten, but no image extracted: still no torch
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    assert "0 extracted, 11 reused" in result.stdout and "torch loaded" in result.stdout
+    assert "0 extracted, 11 reused" in result.stdout and "torch not loaded" in result.stdout
+    assert len(feature_map(out)) == 11
+    (data / "a" / "new.png").write_bytes((data / "a" / "001.png").read_bytes())  # a new image needs the model
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert "1 extracted, 11 reused" in result.stdout and "torch loaded" in result.stdout
+
+
+def test_a_new_split_rewrites_the_file_as_a_full_run_would_without_running_the_model(tmp_path):
+    """Nothing to extract, new labels or splits: the file is rewritten from its own rows, with the
+    attributes (backbone, fingerprint, request) a full extraction writes."""
+    data = tmp_path / "data"
+    make_images(data, per_class=6)
+    out, fresh = tmp_path / "f.h5", tmp_path / "fresh.h5"
+    assert run_pipe(*extract_args(data, out)).returncode == 0
+    before = feature_map(out)
+    other = ("--split-fractions", "0.5,0.25,0.25", "--seed", "3")
+    relabelled = run_pipe(*extract_args(data, out, *other))
+    assert relabelled.returncode == 0 and "0 extracted" in relabelled.stdout, relabelled.stderr
+    assert run_pipe(*extract_args(data, fresh, *other)).returncode == 0
+    assert_same_features(feature_map(out), before)
+    with h5py.File(out, "r") as a, h5py.File(fresh, "r") as b:
+        assert a["split"].asstr()[:].tolist() == b["split"].asstr()[:].tolist()
+        assert a["labels"][:].tolist() == b["labels"][:].tolist()
+        skip = {"extraction"}  # the relabelled file keeps the record of its first extraction
+        assert {k: v for k, v in a.attrs.items() if k not in skip} == {k: v for k, v in b.attrs.items() if k not in skip}

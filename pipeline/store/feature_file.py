@@ -281,6 +281,24 @@ def is_up_to_date(out, request: dict, rows: Rows, labels: np.ndarray, split: np.
     return old.attrs.get("request") == request and old.same_as(new)
 
 
+BACKBONE_ATTRS = ("model", "weights", "weights_id", "transform", "identity", "fingerprint", "precision")
+
+
+def stored_backbone(out, request: dict) -> dict | None:
+    """The attributes that describe the backbone (:data:`BACKBONE_ATTRS`) of the feature file
+    ``out`` when the same ``request`` made it, else None: what a run that extracts no image
+    writes, without resolving (and importing) the model."""
+    if not Path(out).is_file():
+        return None
+    try:
+        attrs = read_features(out, with_features=False, checked=False, with_paths=False).attrs
+    except PipeError:
+        return None
+    if attrs.get("request") != request:
+        return None
+    return {key: attrs[key] for key in BACKBONE_ATTRS if key in attrs}
+
+
 def stored_precision(out) -> str | None:
     """The precision the feature file ``out`` was made at; None when there is no file yet."""
     return read_features(out, with_features=False, checked=False).precision if Path(out).exists() else None
