@@ -16,7 +16,8 @@ from::
     -->
 
 Each entry is ``SHOWN = KEY/PATH`` with an optional ``* FACTOR``, one a line or several separated
-by ``;``; keys may hold ``/`` themselves (``c/achievable``), list items are numbers. Several
+by ``;``; keys may hold ``/`` themselves (``c/achievable``), list items are numbers. A ratio of
+two values of the file is ``SHOWN = KEY/PATH over KEY/PATH``. Several
 annotations may be stacked before one block.
 
 A table of measured figures (one with a decimal number outside code spans) on
@@ -37,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FENCE = re.compile(r"^\s*(`{3,}|~{3,})\s*([\w+-]*)")
 COMMENT = re.compile(r"<!--(.*?)-->", re.DOTALL)
-FIGURE_LINE = re.compile(r"^\s*(\S+)\s+=\s+(.+?)(?:\s+\*\s+([0-9.eE+-]+))?\s*$")
+FIGURE_LINE = re.compile(r"^\s*(\S+)\s+=\s+(.+?)(?:\s+over\s+(.+?))?(?:\s+\*\s+([0-9.eE+-]+))?\s*$")
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)|!\[[^\]]*\]\(([^)\s]+)\)")
 # `pipe CMD ...` in a code span or a block line; torchrun's `-m pipeline CMD ...` too
 PIPE_CALL = re.compile(r"(?:^|\$ |\s)(?:pipe|-m pipeline)((?:\s+[^\s#|;&]+)*)")
@@ -216,6 +217,7 @@ class Figure:
     path: str
     factor: float
     covered: str  # the table, paragraph or block the annotation stands before
+    over: str | None = None  # the key path of the divisor, for a ratio
 
 
 def _covered_text(lines: list[str], start: int) -> str:
@@ -259,9 +261,9 @@ def figures(path: Path) -> list[Figure]:
             for entry in lines[n].split(";"):
                 line = FIGURE_LINE.match(entry)
                 if not line:
-                    raise ValueError(f"{shown_name(path)}:{n + 1}: expected 'SHOWN = KEY/PATH [* FACTOR]'")
+                    raise ValueError(f"{shown_name(path)}:{n + 1}: expected 'SHOWN = KEY/PATH [over KEY/PATH] [* FACTOR]'")
                 found.append(Figure(f"{shown_name(path)}:{n + 1}", line.group(1), head.group(1), line.group(2),
-                                    float(line.group(3) or 1), covered))
+                                    float(line.group(4) or 1), covered, line.group(3)))
         i = end + 1
     return found
 
@@ -288,7 +290,10 @@ def check_figure(figure: Figure) -> str | None:
     if not file.is_file():
         return f"{figure.where}: {figure.results} does not exist"
     try:
-        value = float(lookup(json.loads(file.read_text()), figure.path)) * figure.factor
+        data = json.loads(file.read_text())
+        value = float(lookup(data, figure.path)) * figure.factor
+        if figure.over is not None:
+            value /= float(lookup(data, figure.over))
     except (KeyError, IndexError, ValueError, TypeError) as exc:
         return f"{figure.where}: {figure.results}: {exc}"
     shown = Decimal(figure.shown.replace(",", ""))

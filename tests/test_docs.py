@@ -233,6 +233,17 @@ def test_a_figure_that_disagrees_with_its_file_is_caught(tmp_path):
     assert "does not appear" in problems[1]  # the number is right but not in the table
 
 
+def test_a_ratio_of_two_figures_is_checked_against_both(tmp_path):
+    """``SHOWN = A over B``: 123.9 / 29.5 img/s in the bfloat16 extraction run is 4.19."""
+    page = tmp_path / "page.md"
+    ratio = "speed/efficientnet_lite0/pipe over speed/efficientnet_lite0/peer"
+    page.write_text(f"<!-- figures bench/results/extract-bf16-cpu-2core.json\n4.19 = {ratio}\n4.2 = {ratio} * 1.1\n-->\n"
+                    "| ratio |\n|---|\n| 4.19 4.2 |\n")
+    problems = [check_figure(f) for f in figures(page)]
+    assert problems[0] is None
+    assert "gives 4.61" in problems[1]
+
+
 def test_every_table_of_measured_figures_is_annotated():
     """On the README and the performance pages, a table with a measured number says which
     results file it comes from, so that test above checks it, or says why not."""
