@@ -20,8 +20,7 @@ from .errors import PipeError
 from .forward import check_precision
 from .manifest import read_manifest
 from .scan import display_path, scan_image_folder, split_warnings
-from .store import (FEATURE_DTYPES, ExtractionCache, Rows, extraction_record, is_up_to_date, stored_backbone,
-                    stored_precision)
+from .store import FEATURE_DTYPES, ExtractionCache, FileRows, Rows, extraction_record, made_by, stored_precision
 
 # torch is imported only once there is work to do: an up-to-date run stays fast
 if TYPE_CHECKING:
@@ -125,12 +124,14 @@ def extract_features(
         warnings += split_warnings(labels if targets is None else targets, split, len(manifest.classes),
                                    split_fractions)
     single = int(os.environ.get("WORLD_SIZE", "1")) == 1
-    if not overwrite and single and is_up_to_date(out, request, rows, labels, split, manifest.classes, targets):
+    made = None if overwrite or not single else made_by(out, request)
+    wanted = FileRows(rows.paths, rows.size, rows.mtime_ns, labels, split, manifest.classes, [], [], targets=targets)
+    if made is not None and made.same_as(wanted):  # nothing to do
         return ExtractSummary(out=Path(out), total=len(rows.paths), extracted=0, reused=len(rows.paths),
                               seconds=time.perf_counter() - started, written=False, warnings=warnings)
 
     def file_attrs(backbone: dict, extraction: dict | None) -> dict:
-        """The feature file's attributes: the backbone's (:data:`~pipeline.store.BACKBONE_ATTRS`) and this run's."""
+        """The feature file's attributes: the backbone's (as :attr:`~pipeline.store.FeatureSet.backbone`) and this run's."""
         return {
             "classes": manifest.classes, **backbone, "dtype": dtype, "pipe_version": __version__,
             "data_root": str(manifest.root.resolve()), "split_seed": seed, "split_fractions": list(split_fractions),
@@ -139,9 +140,8 @@ def extract_features(
             "extraction": extraction,
         }
 
-    stored = None if overwrite or not single else stored_backbone(out, request)
-    if stored is not None:  # the same extraction made the file: if it holds every image, only labels change
-        relabelled = _relabel(out, stored, dtype, rows, labels, split, targets, file_attrs(stored, None))
+    if made is not None:  # the same extraction made the file: if it holds every image, only labels change
+        relabelled = _relabel(out, made.backbone, dtype, rows, labels, split, targets, file_attrs(made.backbone, None))
         if relabelled is not None:
             return ExtractSummary(out=Path(out), total=len(rows.paths), extracted=0, reused=len(rows.paths),
                                   failed=relabelled.failed, seconds=time.perf_counter() - started,

@@ -7,9 +7,9 @@ files of an unfinished extraction, :mod:`.cache` one extraction's lock, resume a
 
 from .cache import CommitResult, ExtractionCache
 from .feature_file import (FEATURE_DTYPES, LEGACY_PRECISION, FeatureSet, FileRows, Rows, extraction_record, feature_matrix,
-                           images_per_second, is_feature_file, is_up_to_date, merge_feature_files, read_features,
-                           stored_backbone, stored_precision)
+                           images_per_second, is_feature_file, made_by, merge_feature_files, read_features,
+                           stored_precision)
 
 __all__ = ["FEATURE_DTYPES", "LEGACY_PRECISION", "CommitResult", "ExtractionCache", "FeatureSet", "FileRows", "Rows", "extraction_record",
-           "feature_matrix", "images_per_second", "is_feature_file", "is_up_to_date", "merge_feature_files", "read_features",
-           "stored_backbone", "stored_precision"]
+           "feature_matrix", "images_per_second", "is_feature_file", "made_by", "merge_feature_files", "read_features",
+           "stored_precision"]

@@ -25,6 +25,7 @@ MULTILABEL = "multilabel"  # the ``task`` attribute of a file with ``targets``
 FEATURE_DTYPES = ("float16", "float32")
 LEGACY_PRECISION = "float32"  # the model precision of files written before pipe recorded it
 _STR = h5py.string_dtype("utf-8")
+BACKBONE_ATTRS = ("model", "weights", "weights_id", "transform", "identity", "fingerprint", "precision")
 _MERGE_ROWS = 8192  # rows copied per step when merging: bounds memory on huge caches
 
 
@@ -79,6 +80,12 @@ class FeatureSet(FileRows):
     @property
     def fingerprint(self) -> str:
         return self.attrs["fingerprint"]
+
+    @property
+    def backbone(self) -> dict:
+        """The attributes that describe the backbone the rows were made with (:data:`BACKBONE_ATTRS`):
+        what a run that extracts no image writes again, without resolving the model."""
+        return {key: self.attrs[key] for key in BACKBONE_ATTRS if key in self.attrs}
 
     @property
     def precision(self) -> str:
@@ -265,38 +272,20 @@ def _estimated_size(n: int, dim: int, itemsize: int, new: FileRows) -> int:
     return n * dim * itemsize + n * (3 * 8 + 48) + strings + 256 * 1024
 
 
-def is_up_to_date(out, request: dict, rows: Rows, labels: np.ndarray, split: np.ndarray, classes: list[str],
-                  targets: np.ndarray | None = None) -> bool:
-    """True when ``out`` was made by the same ``request`` (the extraction's settings) for
-    exactly these images, labels and splits with no failures and no unfinished parts: nothing
-    to do. Cheap: metadata only, no lock (the file is only ever replaced atomically)."""
+def made_by(out, request: dict) -> FeatureSet | None:
+    """The feature file ``out``, read without its features, when the same ``request`` (the
+    extraction's settings) made it and no extraction into it is unfinished; else None. Enough to
+    tell that there is nothing to do (:meth:`FeatureSet.same_as` the rows wanted) or only labels
+    to rewrite (:attr:`FeatureSet.backbone`). Cheap: metadata only, no lock (the file is only
+    ever replaced atomically)."""
     out = Path(out)
     if not out.is_file() or out.with_name(out.name + ".parts").exists():
-        return False
-    try:
-        old = read_features(out, with_features=False)
-    except PipeError:
-        return False
-    new = FileRows(rows.paths, rows.size, rows.mtime_ns, labels, split, classes, [], [], targets=targets)
-    return old.attrs.get("request") == request and old.same_as(new)
-
-
-BACKBONE_ATTRS = ("model", "weights", "weights_id", "transform", "identity", "fingerprint", "precision")
-
-
-def stored_backbone(out, request: dict) -> dict | None:
-    """The attributes that describe the backbone (:data:`BACKBONE_ATTRS`) of the feature file
-    ``out`` when the same ``request`` made it, else None: what a run that extracts no image
-    writes, without resolving (and importing) the model."""
-    if not Path(out).is_file():
         return None
     try:
-        attrs = read_features(out, with_features=False, checked=False, with_paths=False).attrs
+        old = read_features(out, with_features=False, checked=False)  # labels get rewritten anyway
     except PipeError:
         return None
-    if attrs.get("request") != request:
-        return None
-    return {key: attrs[key] for key in BACKBONE_ATTRS if key in attrs}
+    return old if old.attrs.get("request") == request else None
 
 
 def stored_precision(out) -> str | None:
