@@ -40,7 +40,7 @@ def train_head(features, *, head: str = defaults.HEAD_KIND, out=None, memory_bud
     whether they were held in memory).
     """
     if not isinstance(features, FeatureSet):
-        features = read_features(features, with_features=False)
+        features = read_features(features, with_features=False, with_paths=False)  # training reads no path
     if features.multilabel:
         trained = fit_multilabel_head(features, head, **params)
     else:
