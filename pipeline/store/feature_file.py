@@ -290,7 +290,7 @@ def made_by(out, request: dict) -> FeatureSet | None:
 
 def stored_precision(out) -> str | None:
     """The precision the feature file ``out`` was made at; None when there is no file yet."""
-    return read_features(out, with_features=False, checked=False).precision if Path(out).exists() else None
+    return read_features(out, with_features=False, checked=False, with_paths=False).precision if Path(out).exists() else None
 
 
 def write_feature_file(target: Path, new: FileRows, sources: list[tuple[Path, int]], attrs: dict,
