@@ -14,7 +14,8 @@ import io
 
 import torch
 
-from .data import EvalTransform, ImageBatch, decode_jpeg, open_rgb, upright
+from .data import EvalTransform, ImageBatch, decode_jpeg, upright
+from .images import open_rgb
 
 
 def _decode_one(jpeg: torch.Tensor, orientation: int, transform: EvalTransform, device) -> torch.Tensor | str:

@@ -7,7 +7,8 @@ import numpy as np
 
 from . import defaults
 from .errors import PipeError
-from .heads import Head, MultiLabelClassifier, RowSubset, make_estimator
+from .heads import Head, LinearHead, MultiLabelClassifier, RowSubset, make_estimator
+from .heads.head_file import OUT_OF_FOLD_MAX_VALUES, OutOfFold
 from .memory import default_budget
 from .rows import read_rows_chunked
 from .store import FeatureSet, feature_matrix, read_features
@@ -90,7 +91,21 @@ def fit_head(features: FeatureSet, kind: str = defaults.HEAD_KIND, matrix=None, 
     estimator = make_estimator(kind, **params).fit(X_train, y_train, X_val, y_val)
     head = estimator.to_head(features.classes, features.fingerprint, feature_source(features))
     head.training["memory"] = {"budget": budget, "rows_bytes": int(n_bytes), "in_memory": bool(in_memory)}
+    if isinstance(head, LinearHead):
+        head.out_of_fold = out_of_fold(features, estimator, np.concatenate([features.row_indices(s) for s in splits]))
     return head
+
+
+def out_of_fold(features: FeatureSet, estimator, rows) -> OutOfFold | None:
+    """What a linear head keeps of its cross-validation: the estimator's out-of-fold
+    probabilities of the feature file's ``rows`` (the pool: train, then val), over every class
+    of the file; None after another selection, or above ``OUT_OF_FOLD_MAX_VALUES``."""
+    proba = estimator.out_of_fold_proba_
+    if proba is None or len(rows) * len(features.classes) > OUT_OF_FOLD_MAX_VALUES:
+        return None
+    full = np.zeros((len(rows), len(features.classes)), dtype=np.float32)  # classes train lacks: never
+    full[:, estimator.classes_] = proba
+    return OutOfFold(rows=rows, proba=full, rows_digest=features.rows_digest())
 
 
 def holds_rows(kind: str, params: dict, n_bytes: int, budget: int | None) -> bool:

@@ -131,7 +131,7 @@ def test_summary_and_info_report_skips_and_strict_makes_them_an_error(tmp_path, 
 
 
 def test_odd_but_valid_images_decode_as_expected(tmp_path):
-    from pipeline.data import open_rgb
+    from pipeline.images import open_rgb
 
     folder = tmp_path / "odd"
     write_valid_oddities(folder)

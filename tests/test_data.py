@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from conftest import COLOURS, write_image
-from pipeline.data import EvalTransform, open_rgb
+from pipeline.data import EvalTransform
+from pipeline.images import open_rgb
 from pipeline.scan import scan_image_folder, stratified_split
 from pipeline.errors import PipeError
 

@@ -12,6 +12,7 @@ import torch
 
 from pipeline.errors import PipeError
 from pipeline.heads import KNNHead, LinearHead, MultilabelHead, load_head
+from pipeline.heads.head_file import OutOfFold
 from pipeline.heads.torch_zip import NotPlainTensors, load_plain
 
 COMMON = {"classes": ["a", "b", "c"], "fingerprint": "fp", "source": {"model": "toy"}, "training": {"strength": 0.1}}
@@ -44,13 +45,16 @@ def head_kinds():
     return [
         LinearHead(weight, bias, mean, std, **COMMON),
         LinearHead(weight, bias, None, None, **COMMON),
+        LinearHead(weight, bias, mean, std, **COMMON, out_of_fold=OutOfFold(
+            rows=np.array([4, 0, 7]), proba=rng.dirichlet(np.ones(3), 3).astype(np.float32), rows_digest="ab12")),
         MultilabelHead(weight, bias, mean, std, thresholds=np.array([0.3, 0.5, 0.7], np.float32), **COMMON),
         KNNHead(rng.normal(size=(10, 8)).astype(np.float16), rng.integers(0, 3, 10), mean, k=3, temperature=0.07,
                 **COMMON),
     ]
 
 
-@pytest.mark.parametrize("head", head_kinds(), ids=lambda h: f"{h.kind}-{getattr(h, 'mean', 0) is None}")
+@pytest.mark.parametrize("head", head_kinds(), ids=lambda h: f"{h.kind}-{getattr(h, 'mean', 0) is None}"
+                         f"{'-out-of-fold' if getattr(h, 'out_of_fold', None) else ''}")
 def test_every_kind_of_head_reads_back_equal_without_torch_load(head, tmp_path, monkeypatch):
     head.save(tmp_path / "head.pt")
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called"))
@@ -60,6 +64,12 @@ def test_every_kind_of_head_reads_back_equal_without_torch_load(head, tmp_path, 
         if field.compare:
             a, b = getattr(read, field.name), getattr(head, field.name)
             assert np.array_equal(a, b) if isinstance(b, np.ndarray) else a == b, field.name
+    if getattr(head, "out_of_fold", None) is not None:
+        for name in ("rows", "proba", "rows_digest"):
+            a, b = getattr(read.out_of_fold, name), getattr(head.out_of_fold, name)
+            assert np.array_equal(a, b) and np.asarray(a).dtype == np.asarray(b).dtype, name
+    else:
+        assert getattr(read, "out_of_fold", None) is None
     X = np.random.default_rng(1).normal(size=(5, 8)).astype(np.float32)
     np.testing.assert_array_equal(read.predict_proba(X), head.predict_proba(X))
 

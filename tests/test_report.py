@@ -16,7 +16,9 @@ from PIL import Image
 from browser import contents, pixel_spread, render, requires_chromium, section_html
 from conftest import COLOURS, FAST_EXTRACT, assert_clean_error, invoke, make_image_folder
 from pipeline.heads import load_head
-from pipeline.report.data_issues import confident_label_issues, find_duplicates, out_of_fold_probabilities
+from pipeline.report.data_issues import (
+    confident_label_issues, find_duplicates, find_label_issues, out_of_fold_probabilities,
+)
 from pipeline.report.page import map_rows
 from pipeline.store import read_features
 
@@ -119,6 +121,37 @@ def test_flipped_labels_are_listed_under_label_issues(flawed):
     assert len(found) >= len(flipped) / 2, (found, listed)
     assert len(listed) <= 4 * len(flipped), listed  # not every image: the flips stand out
     assert f"{len(listed)} label issues" in result.stdout
+
+
+def test_label_issues_come_from_the_heads_own_cross_validation(flawed):
+    """train-head chose the strength by 5-fold cross-validation (100 training images, no val):
+    the report flags images from those folds' out-of-fold probabilities, fitting nothing."""
+    root, _, report, _ = flawed
+    head, features = load_head(root / "h.pt"), read_features(root / "f.h5", with_features=False)
+    known = head.out_of_fold
+    order = np.argsort(known.rows)
+    pool = known.rows[order]
+    np.testing.assert_array_equal(pool, np.flatnonzero(features.split == "train"))
+    issues = find_label_issues(features, head.training["strength"], known=known)
+    expected, _ = confident_label_issues(known.proba[order], features.labels[pool])
+    assert issues.reused and issues.folds == head.training["selection"]["folds"] == 5
+    np.testing.assert_array_equal(issues.rows, pool[expected])
+    assert "train-head's own folds" in section_html(report.read_text(), "label-issues")
+
+
+def test_label_issues_are_searched_afresh_once_the_labels_changed_since_training(flawed):
+    """Out-of-fold probabilities describe the images and labels the head was trained on: after
+    a label changes, the report fits its own heads (as for a head without them)."""
+    root, _, _, _ = flawed
+    head, features = load_head(root / "h.pt"), read_features(root / "f.h5")
+    assert find_label_issues(features, head.training["strength"], known=head.out_of_fold).reused
+    row = int(np.flatnonzero((features.split == "train") & (features.labels == features.classes.index("blue")))[-1])
+    features.labels[row] = features.classes.index("yellow")
+    issues = find_label_issues(features, head.training["strength"], known=head.out_of_fold)
+    fresh = find_label_issues(features, head.training["strength"])
+    assert not issues.reused and not fresh.reused
+    np.testing.assert_array_equal(issues.rows, fresh.rows)
+    np.testing.assert_array_equal(issues.self_confidence, fresh.self_confidence)
 
 
 def test_test_images_copied_into_train_are_listed_under_duplicates(flawed):

@@ -95,6 +95,32 @@ def test_cross_validation_scores_are_the_mean_of_the_folds_batched_sweeps(cls):
     assert probe.iterations_["sweep"] == np.max(probe.iterations_["folds"], axis=0).tolist()
 
 
+@pytest.mark.parametrize("cls", [LinearClassifier, SklearnLinearClassifier])
+def test_out_of_fold_probabilities_score_each_row_with_the_chosen_model_of_its_fold(cls):
+    """What the report's label-issue search reuses: each pool row's probabilities from the
+    chosen strength's model fitted on the other folds (raw features, so that a fold fitted alone
+    solves the same problem), whose accuracies average to the chosen strength's score."""
+    X, y = blobs(6, spread=3.0, seed=1)
+    X_train, y_train, X_val, y_val = X[::2], y[::2], X[1::2], y[1::2]
+    grid = [0.03, 0.3, 3.0]  # well conditioned: every fit reaches the same optimum; 3.0 scores best
+    probe = cls(grid=grid, selection="cv", seed=2, standardize=False, tol=1e-6).fit(X_train, y_train, X_val, y_val)
+    assert probe.best_strength_ == 3.0
+    proba = probe.out_of_fold_proba_
+    pool = np.concatenate([y_train, y_val])
+    assert proba.shape == (len(pool), 3)
+    parts = [("train", X_train, y_train), ("val", X_val, y_val)]
+    _, masks = plan_selection([y_train, y_val], len(grid), mode="cv", seed=2)
+    for mask in masks:
+        fit, score = split_parts(parts, mask)
+        alone = cls(grid=[probe.best_strength_], standardize=False, tol=1e-6).fit(
+            np.concatenate([p[1] for p in fit]), np.concatenate([p[2] for p in fit]))
+        np.testing.assert_allclose(proba[mask], alone.predict_proba(np.concatenate([p[1] for p in score])),
+                                   atol=1e-3)
+    per_fold = [np.mean(probe.classes_[proba[mask].argmax(axis=1)] == pool[mask]) for mask in masks]
+    assert np.mean(per_fold) == pytest.approx(dict(probe.grid_scores_)[probe.best_strength_], abs=1e-6)
+    assert cls(grid=GRID, selection="val").fit(X_train, y_train, X_val, y_val).out_of_fold_proba_ is None
+
+
 def test_cross_validation_ties_go_to_the_strongest_penalty():
     X, y = blobs(10, spread=0.1)  # separable: every strength scores 1.0
     probe = LinearClassifier(grid=[1e-4, 1e-3, 1e-2], selection="cv").fit(X, y)

@@ -1,7 +1,8 @@
 """Commands import only what they use: those that run no model never load torchvision, timm or
 ``torch._dynamo`` (together about 1.5 s of start-up on the 2-core reference machine); ``info``
-and ``evaluate`` of a linear head load neither torch nor scikit-learn (2-2.5 s more), and the
-report starts its work before loading them; an extraction with nothing to do never loads torch.
+and ``evaluate`` of a linear head load neither torch nor scikit-learn (2-2.5 s more), nor does
+``report`` of a cross-validated one, and the report starts its work before loading them; an
+extraction with nothing to do never loads torch.
 Each command runs in a fresh process, as typed."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import FAST_EXTRACT
+from conftest import FAST_EXTRACT, invoke
 
 HEAVY = ("torch", "torchvision", "timm", "torch._dynamo", "sklearn", "scipy")
 
@@ -35,7 +36,7 @@ def loaded(*args) -> list[str]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from conftest import invoke, make_image_folder
+    from conftest import make_image_folder
 
     root = tmp_path_factory.mktemp("startup")
     data = make_image_folder(root / "data", per_class=4)
@@ -63,8 +64,20 @@ def test_info_and_evaluate_of_a_linear_head_load_neither_torch_nor_scikit_learn(
     assert json.loads((root / "m.json").read_text())["accuracy_ci95"]
 
 
+def test_the_report_of_a_cross_validated_head_loads_neither_torch_nor_scikit_learn(trained):
+    """The label-issue search reuses train-head's out-of-fold probabilities; the duplicate
+    search, the map's PCA and the thumbnails need numpy and PIL alone."""
+    from pipeline.heads import load_head
+
+    _, root = trained
+    assert invoke("train-head", root / "f.h5", "--out", root / "cv.pt").exit_code == 0
+    assert load_head(root / "cv.pt").out_of_fold is not None
+    assert loaded("report", "--features", root / "f.h5", "--head", root / "cv.pt", "--out", root / "r.html") == []
+
+
 def test_the_report_starts_its_work_before_loading_torch_or_scikit_learn():
-    """Everything `pipe report` imports before it enters write_report (its searches load torch later)."""
+    """Everything `pipe report` imports before it enters write_report (a head without
+    out-of-fold probabilities has its label-issue heads fitted: torch loads then)."""
     code = ("import sys, json; import pipeline.cli, pipeline.report.page; "
             f"print(json.dumps(sorted(set({list(HEAVY)!r}) & set(sys.modules))))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -75,7 +88,7 @@ def test_the_report_starts_its_work_before_loading_torch_or_scikit_learn():
 def test_the_default_backbone_extracts_and_predicts_with_torch_alone(tmp_path):
     """efficientnet_lite0 is pipe's own network and PIL images are resized without torchvision:
     neither timm nor torchvision (with torch._dynamo) is imported (decoding in this process)."""
-    from conftest import invoke, make_image_folder
+    from conftest import make_image_folder
 
     data = make_image_folder(tmp_path / "data", per_class=3)
     lite0 = ("--model", "efficientnet_lite0", "--weights", "none", "--image-size", "32", "--workers", "0")

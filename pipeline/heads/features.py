@@ -142,3 +142,19 @@ def parts_accuracies(weights, biases, parts, mean, std):
     whose labels ``y`` are class positions (rows of the weights)."""
     correct = sum(accuracies(weights, biases, X, y, mean, std) * len(y) for _, X, y in parts)
     return correct / sum(len(y) for _, _, y in parts)
+
+
+def unit_rows(X, mean, dtype=np.float32):
+    """Rows of ``X`` (any 2-D array-like, or a list of them read one after the other) centred
+    on ``mean`` and scaled to unit L2 norm, as ``dtype``, in one array; read in row chunks. An
+    all-zero row stays zero."""
+    matrices = X if isinstance(X, list) else [X]
+    out = np.empty((sum(m.shape[0] for m in matrices), matrices[0].shape[1]), dtype=dtype)
+    offset = 0
+    for matrix in matrices:
+        for start, stop in row_chunks(matrix.shape[0]):
+            x = np.asarray(matrix[start:stop], dtype=np.float32) - mean
+            norms = np.linalg.norm(x, axis=1, keepdims=True)
+            out[offset + start: offset + stop] = x / np.maximum(norms, 1e-12)
+        offset += matrix.shape[0]
+    return out

@@ -7,8 +7,10 @@ costs milliseconds instead of torch's 2 s import), or where that reader declines
 ``format`` ("pipe-head"), ``version`` (1), ``kind``, ``classes``, ``fingerprint`` (of the
 features it was trained on), ``source`` (what predict rebuilds) and ``training`` (free-form
 metadata about the fit), plus what the kind needs. A linear head adds ``weight`` (C, D) and
-``bias`` (C,) float32, and ``mean`` and ``std`` (D,) or None. Files written before kinds
-existed have no ``kind`` and are linear.
+``bias`` (C,) float32, and ``mean`` and ``std`` (D,) or None, and after cross-validation
+may hold its out-of-fold probabilities (:class:`OutOfFold`: ``out_of_fold_rows``,
+``out_of_fold_proba``, ``out_of_fold_digest``; files without them load as before). Files
+written before kinds existed have no ``kind`` and are linear.
 
 Each kind is a subclass of :class:`Head` that names its ``kind`` and ``payload_keys``,
 and implements :meth:`Head.to_payload` / :meth:`Head.from_payload` (numpy arrays and plain
@@ -207,6 +209,36 @@ def common_fields(payload: dict, path: str) -> dict:
             "source": payload["source"], "training": payload["training"], "path": path}
 
 
+# A head keeps its cross-validation's out-of-fold probabilities (:class:`OutOfFold`) up to this
+# many values (4 MB as float32: 1,000 images of 1,000 classes); beyond, the report fits its own.
+OUT_OF_FOLD_MAX_VALUES = 1 << 20
+_OUT_OF_FOLD_KEYS = {"rows": "out_of_fold_rows", "proba": "out_of_fold_proba", "rows_digest": "out_of_fold_digest"}
+
+
+@dataclass
+class OutOfFold:
+    """What a head's cross-validation learnt about the images it was trained on: ``proba`` (N,
+    C) float32, each image's class probabilities (over the head's ``classes``) from the model of
+    the folds that left it out, for the feature file's ``rows`` (N,); ``rows_digest`` is the
+    file's :func:`~pipeline.store.rows_digest` then, so a reader can tell whether the rows
+    still hold the same images and labels. The report finds label issues with them instead of
+    fitting its own heads."""
+
+    rows: np.ndarray
+    proba: np.ndarray
+    rows_digest: str
+
+    def to_payload(self) -> dict:
+        return {key: getattr(self, name) for name, key in _OUT_OF_FOLD_KEYS.items()}
+
+    @classmethod
+    def from_payload(cls, payload: dict) -> OutOfFold | None:
+        """The head file's out-of-fold probabilities, or None (files without them)."""
+        if any(key not in payload for key in _OUT_OF_FOLD_KEYS.values()):
+            return None
+        return cls(**{name: payload[key] for name, key in _OUT_OF_FOLD_KEYS.items()})
+
+
 @dataclass
 class LinearHead(Head):
     """A trained linear classifier on features: ``standardise(x) @ weight.T + bias``.
@@ -227,6 +259,7 @@ class LinearHead(Head):
     source: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
     path: str | None = field(default=None, compare=False)
+    out_of_fold: OutOfFold | None = field(default=None, compare=False)
 
     kind = "linear"
     payload_keys = ("weight", "bias", "mean", "std")
@@ -257,11 +290,12 @@ class LinearHead(Head):
         return _softmax(self.decision_function(X))
 
     def to_payload(self) -> dict:
-        return {key: None if getattr(self, key) is None else np.asarray(getattr(self, key), dtype=np.float32)
-                for key in LinearHead.payload_keys}
+        payload = {key: None if getattr(self, key) is None else np.asarray(getattr(self, key), dtype=np.float32)
+                   for key in LinearHead.payload_keys}
+        return {**payload, **(self.out_of_fold.to_payload() if self.out_of_fold is not None else {})}
 
     @classmethod
     def from_payload(cls, payload: dict, path: str) -> LinearHead:
         arrays = {key: None if payload[key] is None else np.asarray(payload[key], dtype=np.float32)
                   for key in cls.payload_keys}
-        return cls(**arrays, **common_fields(payload, path))
+        return cls(**arrays, **common_fields(payload, path), out_of_fold=OutOfFold.from_payload(payload))

@@ -26,7 +26,7 @@ from pipeline import defaults
 from pipeline.devices import resolve_device
 from pipeline.errors import PipeValueError
 from pipeline.heads.estimator import HeadEstimator
-from pipeline.heads.features import feature_stats, row_chunks
+from pipeline.heads.features import feature_stats, row_chunks, unit_rows
 from pipeline.heads.head_file import Head, common_fields
 from pipeline.heads.selection import (
     SCORED_ON, Parameter, chance_warning, default_warning, plan_selection, score_splits,
@@ -45,22 +45,6 @@ REFERENCE_ROWS = 16384  # references compared at once: with QUERY_ROWS, a 64 MB 
 # minutes on two cores (2,000 of 10,000 val images; bench/scale.py); smaller files score all.
 MAX_SIMILARITIES = 2 * 10**9
 MIN_SCORED = 1000
-
-
-def unit_rows(X, mean, dtype=np.float32):
-    """Rows of ``X`` (any 2-D array-like, or a list of them read one after the other) centred
-    on ``mean`` and scaled to unit L2 norm, as ``dtype``, in one array; read in row chunks. An
-    all-zero row stays zero."""
-    matrices = X if isinstance(X, list) else [X]
-    out = np.empty((sum(m.shape[0] for m in matrices), matrices[0].shape[1]), dtype=dtype)
-    offset = 0
-    for matrix in matrices:
-        for start, stop in row_chunks(matrix.shape[0]):
-            x = np.asarray(matrix[start:stop], dtype=np.float32) - mean
-            norms = np.linalg.norm(x, axis=1, keepdims=True)
-            out[offset + start: offset + stop] = x / np.maximum(norms, 1e-12)
-        offset += matrix.shape[0]
-    return out
 
 
 def nearest(queries, references, k, device):

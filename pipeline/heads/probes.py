@@ -39,7 +39,7 @@ from pipeline.heads.knn import KNNClassifier
 from pipeline.heads.lbfgs import CONVERGED, LINE_SEARCH, MAX_ITER
 from pipeline.heads.multinomial import ChunkedRows, FeatureSpectrum, fit_multinomial, threads_for
 from pipeline.heads.selection import (
-    SCORED_ON, STRENGTH, chance_warning, default_warning, merge_records, plan_selection, score_splits,
+    SCORED_ON, STRENGTH, chance_warning, default_warning, merge_records, plan_selection, score_splits, split_parts,
 )
 
 DEFAULT_GRID = tuple(float(s) for s in np.logspace(-6, 0, 16))
@@ -75,7 +75,11 @@ class _SweepClassifier(HeadEstimator):
     epochs and records no reasons, so it is True there), ``chance_`` (the accuracy of always
     answering the most frequent class, on the rows scored), ``warnings_`` (one line each:
     nothing could be chosen, the final fit did not converge, the head is at chance level),
-    ``n_train_``, ``n_val_``, ``fit_seconds_``.
+    ``n_train_``, ``n_val_``, ``fit_seconds_``, and ``out_of_fold_proba_``: after
+    cross-validation, each train + val row's class probabilities (n_train + n_val, C; train rows
+    first) from the chosen strength's model of the folds that left the row out, what
+    scikit-learn's ``cross_val_predict(method="predict_proba")`` gives (None after any other
+    selection).
     """
 
     parameter = STRENGTH
@@ -115,7 +119,7 @@ class _SweepClassifier(HeadEstimator):
         if self.selection_.method == "holdout":  # as before there was cross-validation: rows fitted / scored
             self.n_train_, self.n_val_ = self.selection_.n_fit, self.selection_.n_score
         self.iterations_, self.stop_, self.grid_scores_, self.warnings_ = {}, {}, [], []
-        init, epochs, self.chance_ = None, None, None
+        init, epochs, self.chance_, self.out_of_fold_proba_ = None, None, None, None
         if splits:
             def score_split(fit_parts, score_parts):
                 weights, biases, record = self._fit_grid(fit_parts, score_parts)
@@ -125,6 +129,8 @@ class _SweepClassifier(HeadEstimator):
             scores, self.chance_, fits = score_splits(parts, splits, score_split)
             # ties go to the strongest penalty, the simplest model
             best = max(range(len(scores)), key=lambda k: (scores[k], self.grid_[k]))
+            if self.selection_.method == "cv":
+                self.out_of_fold_proba_ = self._out_of_fold(parts, splits, [fit[:2] for fit in fits], best)
             self.grid_scores_ = [(s, float(a)) for s, a in zip(self.grid_, scores)]
             self.best_strength_ = self.grid_[best]
             self._record_sweep([record for _, _, record in fits])
@@ -152,6 +158,16 @@ class _SweepClassifier(HeadEstimator):
     def best_value_(self):
         """The chosen strength, under the name every trainer shares."""
         return self.best_strength_
+
+    def _out_of_fold(self, parts, splits, fits, best):
+        """Class probabilities (n_pool, C) of every pool row from the model of the ``best``
+        strength fitted on the folds that left it out (``fits``: weights (K, C, D) and biases
+        (K, C) per split)."""
+        proba = np.empty((sum(len(labels) for _, _, labels in parts), len(self.classes_)), dtype=np.float32)
+        for mask, (weights, biases) in zip(splits, fits):
+            model = LinearHead(weights[best], biases[best], self.mean_, self.std_, list(self.classes_), "")
+            proba[mask] = np.concatenate([model.predict_proba(X) for _, X, _ in split_parts(parts, mask)[1]])
+        return proba
 
     def _record_sweep(self, records):
         """Write the splits' fit records into ``iterations_`` and ``stop_`` (and the mean best

@@ -180,10 +180,14 @@ def kfold_masks(pool, seed=0):
     2 rows."""
     from sklearn.model_selection import StratifiedKFold  # scikit-learn loads when folds are made
 
-    counts = np.bincount(pool)
-    k = min(MAX_FOLDS, int(counts[counts > 0].min()))
-    folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(pool)), pool)
+    folds = StratifiedKFold(n_splits=fold_count(pool), shuffle=True, random_state=seed).split(np.zeros(len(pool)), pool)
     return [np.isin(np.arange(len(pool)), scored) for _, scored in folds]
+
+
+def fold_count(pool) -> int:
+    """k of :func:`kfold_masks` for ``pool`` (labels): ``MAX_FOLDS``, or fewer when a class has fewer images."""
+    counts = np.bincount(pool)
+    return min(MAX_FOLDS, int(counts[counts > 0].min()))
 
 
 def _holdout_mask(pool, seed):

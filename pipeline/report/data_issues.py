@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..heads.selection import kfold_masks, split_parts
+from ..heads.features import unit_rows
+from ..heads.head_file import OutOfFold
+from ..heads.selection import fold_count, kfold_masks, split_parts
 from ..rows import row_chunks
 from ..store import FeatureSet
 
@@ -43,7 +45,8 @@ class LabelIssues:
     ``rows`` (feature file rows, lowest ``self_confidence`` first), ``given`` and ``suggested``
     (class indices), ``self_confidence`` (out-of-fold probability of the given label) and
     ``suggested_probability``; ``n_checked`` images were scored in ``folds`` folds by heads of
-    L2 ``strength``, out of ``n_pool`` train + val images (more: a seeded sample was checked).
+    L2 ``strength``, out of ``n_pool`` train + val images (more: a seeded sample was checked);
+    ``reused``: the probabilities are the head's own, from train-head's cross-validation.
     ``reason`` says why nothing could be checked (then everything else is empty)."""
 
     rows: np.ndarray
@@ -55,6 +58,7 @@ class LabelIssues:
     n_pool: int = 0
     folds: int = 0
     strength: float = 0.0
+    reused: bool = False
     reason: str = ""
 
 
@@ -108,11 +112,20 @@ def sample_rows(rows, limit, seed, labels=None):
     return np.sort(np.concatenate(picked))
 
 
-def find_label_issues(features: FeatureSet, strength: float, seed: int = 0, limit: int | None = None) -> LabelIssues:
-    """Label issues among the train and val images of ``features`` (only their rows are read),
-    from out-of-fold probabilities of linear heads with L2 ``strength`` (the report's head's);
-    above ``limit`` images (default ``MAX_LABEL_ISSUE_ROWS``), among a seeded stratified sample."""
+def find_label_issues(features: FeatureSet, strength: float, seed: int = 0, limit: int | None = None,
+                      known: OutOfFold | None = None) -> LabelIssues:
+    """Label issues among the train and val images of ``features``, from out-of-fold
+    probabilities of linear heads with L2 ``strength`` (the report's head's): ``known`` ones
+    (the head's own cross-validation, :class:`~pipeline.heads.head_file.OutOfFold`) when they
+    cover exactly these images and labels, else from heads fitted here (only the train and val
+    rows are read), above ``limit`` images (default ``MAX_LABEL_ISSUE_ROWS``) on a seeded
+    stratified sample."""
     every = np.flatnonzero(np.isin(features.split, ("train", "val")))
+    if known is not None and known.rows_digest == features.rows_digest() \
+            and np.array_equal(np.sort(known.rows), every):
+        order = np.argsort(known.rows)
+        y = features.labels[every]
+        return _issues(every, y, known.proba[order], len(every), folds=fold_count(y), strength=strength, reused=True)
     pool = sample_rows(every, MAX_LABEL_ISSUE_ROWS if limit is None else limit, seed, features.labels[every])
     y = features.labels[pool]
     counts = np.bincount(y)
@@ -127,10 +140,15 @@ def find_label_issues(features: FeatureSet, strength: float, seed: int = 0, limi
         return LabelIssues(**nothing, reason=f"a class has a single image in train + val ({lonely}), so no "
                                              "image can be scored by a head that has not seen it")
     proba = out_of_fold_probabilities(features.feature_rows(pool), y, len(features.classes), strength, seed)
+    return _issues(pool, y, proba, len(every), folds=fold_count(y), strength=strength)
+
+
+def _issues(rows, y, proba, n_pool, **how) -> LabelIssues:
+    """The :class:`LabelIssues` of feature file ``rows`` labelled ``y``, from their out-of-fold ``proba``."""
     issues, suggested = confident_label_issues(proba, y)
-    return LabelIssues(rows=pool[issues], given=y[issues], suggested=suggested,
+    return LabelIssues(rows=rows[issues], given=y[issues], suggested=suggested,
                        self_confidence=proba[issues, y[issues]], suggested_probability=proba[issues, suggested],
-                       n_checked=len(y), n_pool=len(every), folds=len(kfold_masks(y, seed)), strength=strength)
+                       n_checked=len(y), n_pool=n_pool, **how)
 
 
 @dataclass
@@ -164,29 +182,26 @@ def nearest_earlier(features: FeatureSet, queries=None):
     ``REFERENCE_ROWS`` at a time, and compared with all of them. Returns ``(rows, matches,
     cosines)``; a query with no earlier row gets no entry.
     """
-    import torch  # imported when the search runs, not with the report
-
-    from ..heads.knn import unit_rows
-
     order = np.array([SPLITS.index(s) for s in features.split], dtype=np.int8)
     if queries is None:
         queries = np.flatnonzero(order > 0)
     earlier = np.flatnonzero(order < order[queries].max()) if len(queries) else queries
     if not len(queries) or not len(earlier):
         return np.array([], dtype=np.int64), np.array([], dtype=np.int64), np.array([])
-    query_order = torch.from_numpy(order[queries])
-    unit = torch.from_numpy(unit_rows(features.feature_rows(queries), 0.0))
-    best = torch.full((len(queries),), -np.inf)
-    match = torch.full((len(queries),), -1, dtype=torch.int64)
+    query_order = order[queries]
+    unit = unit_rows(features.feature_rows(queries), 0.0)
+    best = np.full(len(queries), -np.inf, dtype=np.float32)
+    match = np.full(len(queries), -1, dtype=np.int64)
     for start, stop in row_chunks(len(earlier), REFERENCE_ROWS):
         rows = earlier[start:stop]
-        similarity = unit @ torch.from_numpy(unit_rows(features.feature_rows(rows), 0.0)).T
-        similarity[torch.from_numpy(order[rows])[None, :] >= query_order[:, None]] = -np.inf  # not earlier
-        value, index = similarity.max(dim=1)
+        similarity = unit @ unit_rows(features.feature_rows(rows), 0.0).T
+        similarity[order[rows][None, :] >= query_order[:, None]] = -np.inf  # not earlier
+        index = similarity.argmax(axis=1)
+        value = similarity[np.arange(len(queries)), index]
         better = value > best
-        best[better], match[better] = value[better], torch.from_numpy(rows)[index[better]]
+        best[better], match[better] = value[better], rows[index[better]]
     found = match >= 0
-    return queries[found.numpy()], match[found].numpy(), best[found].numpy().astype(np.float64)
+    return queries[found], match[found], best[found].astype(np.float64)
 
 
 def _file_hash(path: Path) -> str | None:

@@ -26,6 +26,8 @@ from .svg import text
 from .thumbnails import Thumbnails
 
 MAX_POINTS = 3000  # embedding points drawn; mistakes first, then a seeded sample of the rest
+EXACT_PCA_SIDE = 500  # the map's PCA is exact up to this many rows or dimensions, ...
+PCA_ITERATIONS, PCA_OVERSAMPLING = 7, 10  # ... else subspace iteration: steps, extra directions
 
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;color:#222;margin:0;background:#f4f5f7}
@@ -101,7 +103,8 @@ class ReportResult:
 
 def embed(X, seed=0) -> tuple[np.ndarray, str]:
     """A 2-D map of the rows of ``X``: UMAP when ``umap-learn`` is installed and there are
-    enough rows, else PCA. Returns the (N, 2) points and the method's name."""
+    enough rows, else PCA (:func:`principal_components`). Returns the (N, 2) points and the
+    method's name."""
     X = np.asarray(X, dtype=np.float32)
     if len(X) > 15:
         try:
@@ -110,13 +113,31 @@ def embed(X, seed=0) -> tuple[np.ndarray, str]:
             pass
         else:
             return np.asarray(umap.UMAP(n_components=2, random_state=seed).fit_transform(X)), "UMAP"
-    from sklearn.decomposition import PCA
+    return principal_components(X, 2, seed), "PCA"
 
-    components = min(2, len(X), X.shape[1])
-    points = np.zeros((len(X), 2))
-    if len(X) > 1:
-        points[:, :components] = PCA(n_components=components, random_state=seed).fit_transform(X)
-    return points, "PCA"
+
+def principal_components(X, n, seed=0) -> np.ndarray:
+    """The rows of ``X`` (N, D) projected on their ``n`` principal directions (N, n), largest
+    variance first; each direction's sign makes its largest loading positive, and directions
+    beyond the data's rank give 0. With numpy alone (scikit-learn's import would take longer
+    than the map): exact while N or D is at most ``EXACT_PCA_SIDE``, else by seeded subspace
+    iteration, which converges in a few steps when, as for features, a few directions lead."""
+    X = np.asarray(X, dtype=np.float64)
+    X = X - X.mean(axis=0)
+    if min(X.shape) <= EXACT_PCA_SIDE:
+        basis = np.linalg.qr(X.T)[0]  # spans every row: the exact answer lies in it
+    else:
+        basis = np.random.default_rng(seed).standard_normal((X.shape[1], n + PCA_OVERSAMPLING))
+        for _ in range(PCA_ITERATIONS):
+            basis = np.linalg.qr(X.T @ (X @ basis))[0]
+    projected = X @ basis
+    variances, vectors = np.linalg.eigh(projected.T @ projected)
+    order = np.argsort(variances)[::-1][:n]
+    directions = basis @ vectors[:, order]
+    largest = directions[np.abs(directions).argmax(axis=0), np.arange(directions.shape[1])]
+    points = (X @ directions) * np.where(largest < 0, -1.0, 1.0)
+    points[:, variances[order] <= 1e-9 * max(variances.max(initial=0.0), 1e-300)] = 0.0
+    return np.pad(points, ((0, 0), (0, n - points.shape[1])))
 
 
 def map_rows(y, predicted, seed=0, limit=MAX_POINTS) -> np.ndarray:
@@ -149,7 +170,7 @@ def gather(features_path, head_path, split: str = "test", seed: int = 0) -> Repo
     root = features.attrs.get("data_root")
     return ReportData(features=features, head=head, split=split, rows=rows, y=y, proba=proba, metrics=metrics,
                       points=points, point_rows=shown, embedding=method,
-                      label_issues=find_label_issues(features, strength, seed),
+                      label_issues=find_label_issues(features, strength, seed, known=getattr(head, "out_of_fold", None)),
                       duplicates=find_duplicates(features, root, seed=seed),
                       thumbnails=Thumbnails(root))
 

@@ -175,7 +175,8 @@ def label_issues(data):
         return "label-issues", title, f'<p class="note">Not checked: {text(issues.reason)}.</p>'
     shown = range(min(len(issues.rows), MAX_LABEL_ISSUES))
     note = (f'<p class="note">Train and val images whose given label gets a low probability from linear heads '
-            f'that did not see them ({issues.folds}-fold cross-validation, L2 strength {issues.strength:.3g}; '
+            f'that did not see them ({issues.folds}-fold cross-validation, L2 strength {issues.strength:.3g}'
+            + (", train-head's own folds" if issues.reused else "") + '; '
             f'confident learning\'s per-class '
             f'thresholds): {len(issues.rows):,} of {issues.n_checked:,} images'
             + (f", the {len(shown)} least likely shown" if len(issues.rows) > len(shown) else "") + "."

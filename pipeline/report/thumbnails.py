@@ -9,6 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..images import open_rgb
 from .svg import text
 
 MAX_SIDE = 128
@@ -34,8 +35,6 @@ class Thumbnails:
     def _make(self, path: str) -> str | None:
         if self.root is None:
             return None
-        from ..data import open_rgb  # torch: imported when a thumbnail is drawn, not with the report
-
         try:
             image = open_rgb(self.root / path, draft_size=MAX_SIDE)
             image.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)

@@ -7,6 +7,7 @@ over the old (see :mod:`.files`); the extraction cache (:mod:`.cache`) decides w
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from contextlib import contextmanager
@@ -127,6 +128,23 @@ class FeatureSet(FileRows):
                 return read_rows_chunked(matrix, rows)
         except (OSError, KeyError) as exc:
             raise PipeError(f"cannot read the features of {self.path} ({exc}); re-run pipe extract") from None
+
+    def rows_digest(self) -> str:
+        """A digest of what the file says about its images besides their features: classes,
+        and each row's path, file size and modification time, label and split. What was
+        computed from the rows (a head's out-of-fold probabilities) still describes them while
+        this is unchanged. The path, size and time columns are read from the file when they
+        were not read with it."""
+        paths, size, mtime_ns = self.paths, self.size, self.mtime_ns
+        if paths is None:
+            with h5py.File(self.path, "r") as f:
+                paths, size, mtime_ns = f["paths"].asstr()[:], f["file_size"][:], f["file_mtime_ns"][:]
+        digest = hashlib.blake2b(digest_size=16)
+        for strings in (self.classes, paths, self.split):
+            digest.update("\0".join(strings).encode() + b"\1")
+        for column in (size, mtime_ns, self.labels):
+            digest.update(np.ascontiguousarray(column, dtype=np.int64).tobytes())
+        return digest.hexdigest()
 
     def X(self, split: str | None = None) -> np.ndarray:
         """The features (n_images, feature_dim) float32 of one split ("train", "val",
