@@ -57,7 +57,7 @@ INSTALL_HINT = "pip install 'pipe[export]' (or: pip install onnx onnxscript onnx
 EXAMPLE_BATCH = 2  # the batch the graph is traced with: not 1, which tracing could bake into reshapes
 CHECK_BATCH = 3  # another batch size, so the check also covers the dynamic batch dimension
 CHECK_TOLERANCE = 1e-4  # largest probability difference between the file and the eager model
-ONNX_SINGLE_FILE_BYTES = 1 << 30  # an exported model larger has its weights in FILE.data beside it (protobuf's 2 GB limit)
+ONNX_SINGLE_FILE_BYTES = 1 << 30  # a model larger keeps its weights in FILE.data beside it (protobuf's 2 GB limit)
 
 
 class Normalize(nn.Module):

@@ -46,7 +46,8 @@ def test_new_metadata_and_producer_replace_the_old_and_onnx_reads_them_exactly()
 def test_opsets_agree_with_onnx():
     written = model_bytes(opsets=(("", 300), ("com.microsoft", 1), ("custom.domain", 2)))
     assert onnx_proto.opsets(written) == {"": 300, "com.microsoft": 1, "custom.domain": 2}  # 300: a 2-byte varint
-    assert onnx_proto.opsets(written) == {o.domain: o.version for o in onnx.load_model_from_string(written).opset_import}
+    model = onnx.load_model_from_string(written)
+    assert onnx_proto.opsets(written) == {o.domain: o.version for o in model.opset_import}
     assert onnx_proto.opsets(model_bytes(opsets=(("ai.onnx", 18),))) == {"": 18}
 
 
