@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, onnx_proto
 from .errors import PipeError
 from .heads import Head, LinearHead
 
@@ -57,7 +57,7 @@ INSTALL_HINT = "pip install 'pipe[export]' (or: pip install onnx onnxscript onnx
 EXAMPLE_BATCH = 2  # the batch the graph is traced with: not 1, which tracing could bake into reshapes
 CHECK_BATCH = 3  # another batch size, so the check also covers the dynamic batch dimension
 CHECK_TOLERANCE = 1e-4  # largest probability difference between the file and the eager model
-ONNX_SINGLE_FILE_BYTES = 1 << 30  # weights above this go to FILE.data beside the model (protobuf's 2 GB limit)
+ONNX_SINGLE_FILE_BYTES = 1 << 30  # a model larger keeps its weights in FILE.data beside it (protobuf's 2 GB limit)
 
 
 class Normalize(nn.Module):
@@ -257,10 +257,7 @@ def read_export_metadata(path) -> dict:
 
     path = Path(path)
     if not zipfile.is_zipfile(path):  # TorchScript files are zip archives, ONNX files protobuf
-        import onnx
-
-        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        return {key: _maybe_json(value) for key, value in props.items()}
+        return {key: _maybe_json(value) for key, value in onnx_proto.metadata(path.read_bytes()).items()}
     extra = {TORCHSCRIPT_METADATA: ""}
     load_torchscript(path, extra)
     return json.loads(extra[TORCHSCRIPT_METADATA])
@@ -299,48 +296,76 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, out: Path, metadata: di
     default since 2.9: fake-tensor tracing and decompositions), with the same check against
     pipe's model passing (``python bench/export.py --exporters`` times both). Every supported backbone is a fixed graph for a given input size, as for
     ``--format torchscript``; the batch is a named dynamic axis. torch deprecates this exporter
-    but ships it. The metadata is added with the onnx package."""
-    import onnx
-
-    try:
-        with _quiet_exporter(), tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as folder:
-            exported = Path(folder) / "model.onnx"  # a folder: weights over 2 GB come out beside the model
-            torch.onnx.export(model, (example,), str(exported), dynamo=False, input_names=[INPUT_NAME],
-                              output_names=[OUTPUT_NAME], opset_version=opset,
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
-            proto = onnx.load(str(exported))
-    except Exception as exc:  # the exporter raises many types; the user needs the first line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PipeError(f"torch could not export {metadata['model']} to ONNX ({first}); "
-                        "try --format torchscript") from None
-    actual = onnx_opset(proto)
-    if opset is not None and actual != opset:
-        raise PipeError(f"torch could export {metadata['model']} to ONNX opset {actual} but not {opset}; "
-                        f"use --opset {actual} or leave --opset out")
-    proto.producer_name = "pipe"
-    proto.producer_version = __version__
-    del proto.metadata_props[:]
-    for key, value in _metadata_strings(metadata).items():
-        proto.metadata_props.add(key=key, value=value)
-    large = sum(t.ByteSize() for t in proto.graph.initializer) > ONNX_SINGLE_FILE_BYTES
-    data = out.with_name(out.name + ".data")
-    tmp = _temporary(out)
-    try:
-        if large:  # written under its final name, beside the model, which refers to it by name
-            onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data.name)
-        else:
-            onnx.save_model(proto, str(tmp))
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    but ships it. The producer and metadata are written by :mod:`pipeline.onnx_proto`; the onnx
+    package is loaded only for a model over :data:`ONNX_SINGLE_FILE_BYTES`, to move its weights
+    beside it."""
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as folder:
+        exported = Path(folder) / "model.onnx"  # a folder: weights over 2 GB come out beside the model
+        try:
+            with _quiet_exporter(), _onnx_only_for_custom_domains():
+                torch.onnx.export(model, (example,), str(exported), dynamo=False, input_names=[INPUT_NAME],
+                                  output_names=[OUTPUT_NAME], opset_version=opset,
+                                  dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+        except Exception as exc:  # the exporter raises many types; the user needs the first line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise PipeError(f"torch could not export {metadata['model']} to ONNX ({first}); "
+                            "try --format torchscript") from None
+        written = exported.read_bytes()
+        actual = onnx_proto.opsets(written)[""]
+        if opset is not None and actual != opset:
+            raise PipeError(f"torch could export {metadata['model']} to ONNX opset {actual} but not {opset}; "
+                            f"use --opset {actual} or leave --opset out")
+        written = onnx_proto.with_metadata(written, "pipe", __version__, _metadata_strings(metadata))
+        large = sum(f.stat().st_size for f in Path(folder).iterdir()) > ONNX_SINGLE_FILE_BYTES
+        data = out.with_name(out.name + ".data")
+        tmp = _temporary(out)
+        try:
+            if large:
+                exported.write_bytes(written)  # beside any weights the exporter put in the folder
+                _save_with_external_data(exported, tmp, data.name)
+            else:
+                tmp.write_bytes(written)
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return ([out, data] if large else [out]), actual
 
 
-def onnx_opset(proto) -> int:
-    """The default-domain opset an ONNX model uses."""
-    return next(entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
+def _save_with_external_data(model: Path, out: Path, data_name: str) -> None:
+    """``model`` (its weights in the file or beside it) saved as ``out`` with every weight in
+    ``data_name``, in out's folder, where the saved model refers to it by name."""
+    import onnx
+
+    onnx.save_model(onnx.load(str(model)), str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name)
+
+
+@contextmanager
+def _onnx_only_for_custom_domains() -> Iterator[None]:
+    """torch's TorchScript exporter passes every model it writes through
+    ``onnx_proto_utils._add_onnxscript_fn``, which imports the onnx package (0.6 s) to embed the
+    onnxscript functions of custom-domain operators. A model whose only opset is the default
+    domain has no such operator, and that step returns it unchanged: it is skipped for such a
+    model. Should torch move the function, the exporter simply runs as it is."""
+    try:
+        from torch.onnx._internal.torchscript_exporter import onnx_proto_utils
+
+        add_functions = onnx_proto_utils._add_onnxscript_fn
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    def add_functions_for_custom_domains(model_bytes: bytes, custom_opsets):
+        if set(onnx_proto.opsets(model_bytes)) == {""}:
+            return model_bytes
+        return add_functions(model_bytes, custom_opsets)
+
+    onnx_proto_utils._add_onnxscript_fn = add_functions_for_custom_domains
+    try:
+        yield
+    finally:
+        onnx_proto_utils._add_onnxscript_fn = add_functions
 
 
 @contextmanager

@@ -28,7 +28,8 @@ import torch
 from conftest import assert_clean_error, invoke, make_image_folder, write_image
 from pipeline.data import EvalTransform, ImageFiles
 from pipeline.errors import PipeError
-from pipeline.export import export_head, load_torchscript, read_export_metadata, run_onnx
+from pipeline import __version__, onnx_proto
+from pipeline.export import _metadata_strings, export_head, load_torchscript, read_export_metadata, run_onnx
 from pipeline.heads import LinearHead
 
 TOLERANCE = 1e-4
@@ -147,9 +148,17 @@ def test_the_file_carries_what_preprocessing_needs(case):
         assert metadata["fingerprint"] == head.fingerprint
     import onnx
 
-    model = onnx.load(str(case["exported"]["onnx"]))
+    path = case["exported"]["onnx"]
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert (model.producer_name, model.producer_version) == ("pipe", __version__)
+    # exactly pipe's metadata, each key once, as the TorchScript file has it
+    expected = _metadata_strings(read_export_metadata(case["exported"]["torchscript"]))
+    assert [(p.key, p.value) for p in model.metadata_props] == list(expected.items())
     props = {p.key: p.value for p in model.metadata_props}
     assert json.loads(props["classes"]) == head.classes and props["fingerprint"] == head.fingerprint
+    opsets = onnx_proto.opsets(path.read_bytes())
+    assert opsets == {o.domain: o.version for o in model.opset_import} and set(opsets) == {""}  # standard operators only
     (pixels,) = model.graph.input
     assert pixels.name == "pixels" and pixels.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert pixels.type.tensor_type.shape.dim[0].dim_param  # the batch dimension is symbolic
@@ -229,6 +238,34 @@ def test_an_onnx_model_too_large_for_one_file_keeps_its_weights_beside_it(small_
         ["model.onnx", "model.onnx.data"]
     assert result.max_difference is not None and result.max_difference <= TOLERANCE  # onnxruntime found the weights
     assert read_export_metadata(result.path)["classes"] == small_head.classes
+    import onnx
+
+    onnx.checker.check_model(str(result.path))
+    assert onnx.load(str(result.path)).producer_name == "pipe"
+
+
+def test_the_opset_asked_for_is_the_file_s(small_head, tmp_path):
+    import onnx
+
+    result = export_head(small_head, "onnx", tmp_path / "model.onnx", opset=18)
+    assert result.opset == 18 and result.max_difference <= TOLERANCE
+    assert [(o.domain, o.version) for o in onnx.load(str(result.path)).opset_import] == [("", 18)]
+
+
+def test_torch_embeds_onnxscript_functions_only_for_custom_domains(monkeypatch):
+    """The exporter's onnxscript step (which imports onnx) is skipped for standard operators only."""
+    from torch.onnx._internal.torchscript_exporter import onnx_proto_utils
+
+    from pipeline.export import _onnx_only_for_custom_domains
+
+    calls = []
+    monkeypatch.setattr(onnx_proto_utils, "_add_onnxscript_fn", lambda model, opsets: calls.append(model) or model)
+    standard = b"\x42\x04\x0a\x00\x10\x14"  # a ModelProto of one opset_import (field 8): domain "", version 20
+    custom = standard + b"\x42\x09\x0a\x05my.op\x10\x01"  # and domain "my.op", version 1
+    with _onnx_only_for_custom_domains():
+        assert onnx_proto_utils._add_onnxscript_fn(standard, {}) == standard and calls == []
+        assert onnx_proto_utils._add_onnxscript_fn(custom, {}) == custom and calls == [custom]
+    assert onnx_proto_utils._add_onnxscript_fn(standard, {}) == standard and len(calls) == 2  # restored
 
 
 def test_other_head_kinds_are_refused_with_one_line(small_head):
