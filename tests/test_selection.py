@@ -8,7 +8,9 @@ import pytest
 
 from pipeline.errors import PipeError
 from pipeline.heads import LinearClassifier, SklearnLinearClassifier
-from pipeline.heads.selection import DEFAULT_STRENGTH, MAX_FOLDS, MIN_SELECTION_ROWS, plan_selection, split_parts
+from pipeline.heads.selection import (
+    DEFAULT_STRENGTH, MAX_FOLDS, MIN_SELECTION_ROWS, plan_selection, score_splits, split_parts,
+)
 
 GRID = [1e-3, 1e-2, 1e-1, 1.0]
 
@@ -119,6 +121,35 @@ def test_out_of_fold_probabilities_score_each_row_with_the_chosen_model_of_its_f
     per_fold = [np.mean(probe.classes_[proba[mask].argmax(axis=1)] == pool[mask]) for mask in masks]
     assert np.mean(per_fold) == pytest.approx(dict(probe.grid_scores_)[probe.best_strength_], abs=1e-6)
     assert cls(grid=GRID, selection="val").fit(X_train, y_train, X_val, y_val).out_of_fold_proba_ is None
+
+
+def test_folds_fitted_at_once_give_the_models_of_folds_fitted_one_after_the_other(monkeypatch):
+    """Small folds are fitted in parallel threads, each on one torch thread: the same models,
+    bit for bit, as one fold after the other (each fold keeps its own preconditioner)."""
+    import torch
+
+    from pipeline.heads import probes
+
+    X, y = blobs(30, n_dims=16, spread=2.5, seed=3)
+    workers = []
+
+    def recording(*args, **kwargs):
+        workers.append(kwargs.get("workers", 1))
+        return score_splits(*args, **kwargs)
+
+    monkeypatch.setattr(probes, "score_splits", recording)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        together = LinearClassifier(grid=GRID, selection="cv").fit(X, y)
+        torch.set_num_threads(1)
+        apart = LinearClassifier(grid=GRID, selection="cv").fit(X, y)
+    finally:
+        torch.set_num_threads(before)
+    assert workers == [2, 1] and torch.get_num_threads() == before
+    assert together.grid_scores_ == apart.grid_scores_ and together.iterations_ == apart.iterations_
+    np.testing.assert_array_equal(together.out_of_fold_proba_, apart.out_of_fold_proba_)
+    np.testing.assert_array_equal(together.weight_, apart.weight_)
 
 
 def test_cross_validation_ties_go_to_the_strongest_penalty():

@@ -37,7 +37,9 @@ from pipeline.heads.features import (
 from pipeline.heads.head_file import LinearHead
 from pipeline.heads.knn import KNNClassifier
 from pipeline.heads.lbfgs import CONVERGED, LINE_SEARCH, MAX_ITER
-from pipeline.heads.multinomial import ChunkedRows, FeatureSpectrum, fit_multinomial, threads_for
+from pipeline.heads.multinomial import (
+    ChunkedRows, FeatureSpectrum, fit_multinomial, one_thread, parallel_fits, threads_for,
+)
 from pipeline.heads.selection import (
     SCORED_ON, STRENGTH, chance_warning, default_warning, merge_records, plan_selection, score_splits, split_parts,
 )
@@ -126,7 +128,7 @@ class _SweepClassifier(HeadEstimator):
                 return parts_accuracies(weights, biases, score_parts, self.mean_, self.std_), \
                     (weights, biases, record)
 
-            scores, self.chance_, fits = score_splits(parts, splits, score_split)
+            scores, self.chance_, fits = self._score_splits(parts, splits, score_split)
             # ties go to the strongest penalty, the simplest model
             best = max(range(len(scores)), key=lambda k: (scores[k], self.grid_[k]))
             if self.selection_.method == "cv":
@@ -158,6 +160,10 @@ class _SweepClassifier(HeadEstimator):
     def best_value_(self):
         """The chosen strength, under the name every trainer shares."""
         return self.best_strength_
+
+    def _score_splits(self, parts, splits, score_split):
+        """:func:`~pipeline.heads.selection.score_splits`, one split after the other."""
+        return score_splits(parts, splits, score_split)
 
     def _out_of_fold(self, parts, splits, fits, best):
         """Class probabilities (n_pool, C) of every pool row from the model of the ``best``
@@ -277,6 +283,17 @@ class LinearClassifier(_SweepClassifier):
     def _streaming(self, parts):
         return self.batch_size is not None
 
+    def _score_splits(self, parts, splits, score_split):
+        """The splits' sweeps (each a fit on one thread) run in parallel when they are small
+        enough (:func:`~pipeline.heads.multinomial.parallel_fits`)."""
+        n_fit = max(int((~mask).sum()) for mask in splits)
+        workers = 1 if self._streaming(parts) else parallel_fits(
+            n_fit * parts[0][1].shape[1], resolve_device(self.device), len(splits))
+        if workers == 1:
+            return score_splits(parts, splits, score_split)
+        with one_thread():
+            return score_splits(parts, splits, score_split, workers=workers)
+
     def _fit_grid(self, parts, val):
         if self._streaming(parts):
             weights, biases, best_epochs = self._adam(parts, self.grid_, self.max_epochs, val)
@@ -316,8 +333,11 @@ class LinearClassifier(_SweepClassifier):
             params = torch.from_numpy(np.concatenate([weight.transpose(0, 2, 1), bias[:, None]], axis=1)).to(device)
         with threads_for(X_t.shape[0] * X_t.shape[1], device):
             if init is None:
-                self._spectrum = FeatureSpectrum(X_t, seed=self.seed)
-            result = fit_multinomial(X_t, y_t, sw, lam, params, self._spectrum, max_iter=self.max_iter, tol=self.tol)
+                spectrum = FeatureSpectrum(X_t, seed=self.seed)
+                self._spectrum = spectrum  # for the refit after a single split (no other fit runs then)
+            else:
+                spectrum = self._spectrum
+            result = fit_multinomial(X_t, y_t, sw, lam, params, spectrum, max_iter=self.max_iter, tol=self.tol)
         params = result.params.cpu().numpy()
         return np.ascontiguousarray(params[:, :-1].transpose(0, 2, 1)), params[:, -1], result.n_iter, result.stop
 

@@ -23,6 +23,7 @@ skips 2 and 3.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -137,24 +138,29 @@ def plan_selection(labels, n_candidates, *, mode="auto", seed=0, min_rows=MIN_SE
                                     f"{parameter.default:g} is fitted on every image")
 
 
-def score_splits(parts, splits, score_split):
+def score_splits(parts, splits, score_split, workers=1):
     """Score every candidate value on each split of ``parts`` ``[(name, X, y), ...]``.
 
     ``score_split(fit_parts, score_parts)`` fits on one split's fit rows and returns the
     accuracies (K,) of the K candidates on its scored rows, and anything else the caller
-    wants back. Returns the mean accuracies over the splits, the chance accuracy (always
-    answering the most frequent class of the scored rows, mean over splits) and the extras
-    in split order.
+    wants back. With ``workers`` > 1 that many splits are scored at once, in threads (for a
+    ``score_split`` whose work releases the GIL and is thread-safe). Returns the mean
+    accuracies over the splits, the chance accuracy (always answering the most frequent class
+    of the scored rows, mean over splits) and the extras in split order.
     """
-    scores, chances, extras = [], [], []
-    for mask in splits:
+    def score(mask):
         fit_parts, score_parts = split_parts(parts, mask)
         accuracy, extra = score_split(fit_parts, score_parts)
-        scores.append(accuracy)
-        extras.append(extra)
         scored = np.concatenate([labels for _, _, labels in score_parts])
-        chances.append(np.bincount(scored).max() / len(scored))
-    return np.mean(scores, axis=0), float(np.mean(chances)), extras
+        return accuracy, extra, np.bincount(scored).max() / len(scored)
+
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            results = list(pool.map(score, splits))
+    else:
+        results = [score(mask) for mask in splits]
+    accuracies, extras, chances = zip(*results) if results else ((), (), ())
+    return np.mean(accuracies, axis=0), float(np.mean(chances)), list(extras)
 
 
 def chance_warning(accuracy, chance, where):
