@@ -3,6 +3,7 @@ commands a user types, each timed in a fresh process, with its time to first wor
 
     python bench/workflow.py                               # 1,000 JPEGs, 250-2,600 px, 5 classes
     python bench/workflow.py --json bench/results/workflow-cpu-2core.json
+    python bench/workflow.py --runs 3                      # each step's median, and every run's total
 
 The photos are made from bench/extract.py's sample photos (scikit-image and scikit-learn), one or
 two source photos per class: each image a random crop (10-100% of the area) of one of its
@@ -22,8 +23,10 @@ For each, the wall time from spawning the process to its exit, and the time to f
 spawning to the moment the command enters its library function (``extract_features``,
 ``train_head``, ...), i.e. interpreter start, click and every import done before the work
 starts. A small wrapper process notes that moment (:data:`FIRST_WORK`); it adds nothing else.
-With ``--float32`` the extraction also runs at ``--precision float32`` into another file, beside
-the default, for the ratio (not counted in the total).
+With ``--runs N`` the five run N times (a fresh extraction each time): each step's median is
+shown, the median total and every run's total. With ``--float32`` the extraction also runs at
+``--precision float32`` into another file, beside the default, for the ratio (not counted in the
+total).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -127,6 +131,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=5)
     parser.add_argument("--photos", default=None, help="an existing folder of class folders to use instead")
     parser.add_argument("--float32", action="store_true", help="also time the extraction at --precision float32")
+    parser.add_argument("--runs", type=int, default=1, help="run the five commands this many times: medians")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     from extract import warm_page_cache
@@ -137,14 +142,21 @@ def main() -> None:
         photos = Path(args.photos) if args.photos else make_class_photos(tmp / "photos", args.images, args.classes)
         warm_page_cache(photos)
         features, head = tmp / "features.h5", tmp / "head.pt"
-        steps = {
-            "extract": timed("extract", photos, "--out", features, work=tmp),
-            "train-head": timed("train-head", features, "--out", head, work=tmp),
-            "evaluate": timed("evaluate", "--features", features, "--head", head, "--json", tmp / "metrics.json",
-                              work=tmp),
-            "report": timed("report", "--features", features, "--head", head, "--out", tmp / "report.html", work=tmp),
-            "export onnx": timed("export", "--head", head, "--format", "onnx", work=tmp),
-        }
+        runs = []
+        for _ in range(args.runs):
+            features.unlink(missing_ok=True)
+            runs.append({
+                "extract": timed("extract", photos, "--out", features, work=tmp),
+                "train-head": timed("train-head", features, "--out", head, work=tmp),
+                "evaluate": timed("evaluate", "--features", features, "--head", head, "--json",
+                                  tmp / "metrics.json", work=tmp),
+                "report": timed("report", "--features", features, "--head", head, "--out", tmp / "report.html",
+                                work=tmp),
+                "export onnx": timed("export", "--head", head, "--format", "onnx", work=tmp),
+            })
+        totals = [sum(step["seconds"] for step in run.values()) for run in runs]
+        steps = {name: {key: statistics.median(run[name][key] for run in runs) for key in runs[0][name]}
+                 for name in runs[0]}
         info = timed("info", features, work=tmp)
         reference = (timed("extract", photos, "--out", tmp / "float32.h5", "--precision", "float32", work=tmp)
                      if args.float32 else None)
@@ -152,19 +164,21 @@ def main() -> None:
             [sys.executable, "-c", "import sys, json; from pipeline.store import read_features; "
              "print(json.dumps(read_features(sys.argv[1], with_features=False).precision))", str(features)],
             check=True, cwd=REPO, capture_output=True, text=True).stdout)
-    total = sum(step["seconds"] for step in steps.values())
-    print(f"{args.images} JPEGs in {args.classes} classes, {os.cpu_count()} CPUs, extraction at {precision}")
+    total = statistics.median(totals)
+    print(f"{args.images} JPEGs in {args.classes} classes, {os.cpu_count()} CPUs, extraction at {precision}"
+          + (f"; medians of {args.runs} runs" if args.runs > 1 else ""))
     print(f"{'step':<14} {'seconds':>8} {'first work at':>14}")
     for name, step in [*steps.items(), ("(info)", info)]:
         print(f"{name:<14} {step['seconds']:>8.1f} {step['first_work_seconds']:>13.2f}s")
-    print(f"{'total':<14} {total:>8.1f}")
+    print(f"{'total':<14} {total:>8.1f}" + (f"   (runs: {', '.join(f'{t:.1f}' for t in totals)})" if args.runs > 1 else ""))
     if reference:
         print(f"extract at --precision float32: {reference['seconds']:.1f} s "
               f"(default {precision}: x{reference['seconds'] / steps['extract']['seconds']:.2f} faster)")
     if args.json:
         Path(args.json).write_text(json.dumps({"images": args.images, "classes": args.classes, "precision": precision,
                                                "steps": steps, "info": info, "total_seconds": total,
-                                               "extract_float32": reference}, indent=2))
+                                               "run_totals": totals, "runs": runs, "extract_float32": reference,
+                                               "load_average": os.getloadavg()}, indent=2))
 
 
 if __name__ == "__main__":
