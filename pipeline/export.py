@@ -356,10 +356,10 @@ def _onnx_only_for_custom_domains() -> Iterator[None]:
         yield
         return
 
-    def add_functions_for_custom_domains(model_bytes: bytes, custom_opsets):
+    def add_functions_for_custom_domains(model_bytes: bytes, *args, **kwargs):
         if set(onnx_proto.opsets(model_bytes)) == {""}:
             return model_bytes
-        return add_functions(model_bytes, custom_opsets)
+        return add_functions(model_bytes, *args, **kwargs)
 
     onnx_proto_utils._add_onnxscript_fn = add_functions_for_custom_domains
     try:
