@@ -19,7 +19,7 @@ from pipeline.heads import load_head
 from pipeline.report.data_issues import (
     confident_label_issues, find_duplicates, find_label_issues, out_of_fold_probabilities,
 )
-from pipeline.report.page import map_rows
+from pipeline.report.page import map_rows, principal_components
 from pipeline.store import read_features
 
 SECTION_IDS = ("summary", "confusion-matrix", "per-class", "sweep", "mistakes", "embedding", "label-issues",
@@ -274,6 +274,28 @@ def test_out_of_fold_probabilities_come_from_heads_that_did_not_see_the_row():
     proba = out_of_fold_probabilities(X, y, 2, strength=0.01)
     assert proba.shape == (20, 2) and np.allclose(proba.sum(axis=1), 1)
     assert proba[0, 0] < 0.5 and (proba[np.arange(1, 20), y[1:]] > 0.5).all()
+
+
+@pytest.mark.parametrize("n_rows, n_dims", [(150, 64), (700, 600)])  # exact; subspace iteration
+def test_the_maps_pca_matches_scikit_learns(n_rows, n_dims):
+    """The map's PCA needs numpy alone (no scikit-learn import): its two columns are scikit-learn's
+    exact PCA up to sign, with a leading spectrum like features' (a few directions lead)."""
+    from sklearn.decomposition import PCA
+
+    rng = np.random.default_rng(0)
+    scales = np.concatenate([[20.0, 10.0], np.geomspace(4, 0.1, n_dims - 2)])
+    X = (rng.normal(size=(n_rows, n_dims)) * scales).astype(np.float32)
+    points = principal_components(X, 2)
+    expected = PCA(n_components=2, svd_solver="full").fit_transform(X)
+    for j in range(2):
+        sign = np.sign(points[:, j] @ expected[:, j])
+        np.testing.assert_allclose(points[:, j] * sign, expected[:, j], atol=1e-3 * np.abs(expected[:, j]).max())
+
+
+def test_the_maps_pca_gives_zero_beyond_the_datas_rank():
+    one, two = principal_components(np.ones((1, 5)), 2), principal_components(np.eye(5)[:2], 2)
+    assert one.shape == (1, 2) and not one.any()
+    assert two.shape == (2, 2) and np.abs(two[:, 0]).min() > 0.5 and not two[:, 1].any()
 
 
 def test_the_map_keeps_every_mistake_and_a_sample_of_the_rest():

@@ -220,7 +220,7 @@ class OutOfFold:
     """What a head's cross-validation learnt about the images it was trained on: ``proba`` (N,
     C) float32, each image's class probabilities (over the head's ``classes``) from the model of
     the folds that left it out, for the feature file's ``rows`` (N,); ``rows_digest`` is the
-    file's :func:`~pipeline.store.rows_digest` then, so a reader can tell whether the rows
+    file's :meth:`~pipeline.store.FeatureSet.rows_digest` then, so a reader can tell whether the rows
     still hold the same images and labels. The report finds label issues with them instead of
     fitting its own heads."""
 
