@@ -42,6 +42,11 @@ def one_thread():
         torch.set_num_threads(before)
 
 
+def _small_cpu_fit(n_values, device) -> bool:
+    """Whether a fit of ``n_values`` feature values on ``device`` runs on one CPU thread."""
+    return device.type == "cpu" and n_values < SINGLE_THREAD_VALUES
+
+
 def parallel_fits(n_values, device, n_fits) -> int:
     """How many fits of ``n_values`` feature values each to run at once, each on one CPU
     thread: as many as torch has threads (at most ``n_fits``) when such a fit runs on one thread
@@ -49,16 +54,14 @@ def parallel_fits(n_values, device, n_fits) -> int:
     threads of one fit do. Measured on the 2-core reference machine (efficientnet_lite0
     features of 850 photos, 5 folds of 680 x 1,280, 16 strengths each): the cross-validation
     took 3.5-3.7 s one fold after the other and 2.3-2.4 s two at a time, with the same models."""
-    if device.type != "cpu" or n_values >= SINGLE_THREAD_VALUES:
-        return 1
-    return max(1, min(n_fits, torch.get_num_threads()))
+    return max(1, min(n_fits, torch.get_num_threads())) if _small_cpu_fit(n_values, device) else 1
 
 
 @contextmanager
 def threads_for(n_values, device):
     """Run the enclosed fit on one thread when it is small and on the CPU (see
     ``SINGLE_THREAD_VALUES``)."""
-    if device.type != "cpu" or n_values >= SINGLE_THREAD_VALUES or torch.get_num_threads() == 1:
+    if not _small_cpu_fit(n_values, device) or torch.get_num_threads() == 1:
         yield
         return
     with one_thread():
