@@ -54,7 +54,7 @@ def stages(features_path, head_path):
     _, bootstrap_s = timed(bootstrap_intervals, features.labels[rows], proba)
     _, embed_s = timed(embed, features.features[rows])
     strength = head.training.get("strength", DEFAULT_STRENGTH)
-    issues, issues_s = timed(find_label_issues, features, strength, 0, None, getattr(head, "out_of_fold", None))
+    issues, issues_s = timed(find_label_issues, features, strength, 0, None, head.out_of_fold)
     fitted, fitted_s = timed(find_label_issues, features, strength)
     _, duplicates_s = timed(find_duplicates, features, features.attrs["data_root"])
     data, gather_s = timed(gather, features_path, head_path)

@@ -54,7 +54,7 @@ def head_kinds():
 
 
 @pytest.mark.parametrize("head", head_kinds(), ids=lambda h: f"{h.kind}-{getattr(h, 'mean', 0) is None}"
-                         f"{'-out-of-fold' if getattr(h, 'out_of_fold', None) else ''}")
+                         f"{'-out-of-fold' if h.out_of_fold else ''}")
 def test_every_kind_of_head_reads_back_equal_without_torch_load(head, tmp_path, monkeypatch):
     head.save(tmp_path / "head.pt")
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called"))
@@ -64,12 +64,12 @@ def test_every_kind_of_head_reads_back_equal_without_torch_load(head, tmp_path, 
         if field.compare:
             a, b = getattr(read, field.name), getattr(head, field.name)
             assert np.array_equal(a, b) if isinstance(b, np.ndarray) else a == b, field.name
-    if getattr(head, "out_of_fold", None) is not None:
+    if head.out_of_fold is not None:
         for name in ("rows", "proba", "rows_digest"):
             a, b = getattr(read.out_of_fold, name), getattr(head.out_of_fold, name)
             assert np.array_equal(a, b) and np.asarray(a).dtype == np.asarray(b).dtype, name
     else:
-        assert getattr(read, "out_of_fold", None) is None
+        assert read.out_of_fold is None
     X = np.random.default_rng(1).normal(size=(5, 8)).astype(np.float32)
     np.testing.assert_array_equal(read.predict_proba(X), head.predict_proba(X))
 

@@ -56,7 +56,8 @@ class Head:
     saved to), :meth:`predict_proba`, and saving and loading through the head file.
 
     A subclass sets ``kind`` and ``payload_keys`` (the file keys its :meth:`from_payload`
-    needs beyond the common ones) and becomes readable by :func:`load_head`.
+    needs beyond the common ones) and becomes readable by :func:`load_head`. ``out_of_fold``
+    (:class:`OutOfFold`) is None but for a linear head that keeps its cross-validation's.
     """
 
     kind: str = ""
@@ -66,6 +67,7 @@ class Head:
     source: dict
     training: dict
     path: str | None
+    out_of_fold: OutOfFold | None = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -170,7 +170,7 @@ def gather(features_path, head_path, split: str = "test", seed: int = 0) -> Repo
     root = features.attrs.get("data_root")
     return ReportData(features=features, head=head, split=split, rows=rows, y=y, proba=proba, metrics=metrics,
                       points=points, point_rows=shown, embedding=method,
-                      label_issues=find_label_issues(features, strength, seed, known=getattr(head, "out_of_fold", None)),
+                      label_issues=find_label_issues(features, strength, seed, known=head.out_of_fold),
                       duplicates=find_duplicates(features, root, seed=seed),
                       thumbnails=Thumbnails(root))
 
